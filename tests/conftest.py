@@ -1,0 +1,52 @@
+"""Fixtures: daemons of both implementations on free loopback ports."""
+
+import os
+
+import pytest
+
+from helpers import OTP_EPMD, Daemon, free_port, need
+
+
+@pytest.fixture(params=["py", "otp"])
+def impl(request):
+    """Which epmd a black-box test runs against: ours, or OTP's binary."""
+    if request.param == "otp" and OTP_EPMD is None:
+        need("OTP's epmd binary")
+    return request.param
+
+
+def base_env(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("ERL_EPMD_") and k not in ("LISTEN_PID", "LISTEN_FDS", "NOTIFY_SOCKET")}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def start_epmd(impl, tmp_path):
+    """start_epmd(*args, port=None, env=None, wait=True, loopback=True) -> Daemon.
+
+    Starts *impl* with ``-port P`` (and ``-address 127.0.0.1`` unless
+    loopback=False) plus *args*; every daemon is stopped by PID afterwards.
+    """
+    started = []
+
+    def start(*args, port=None, env=None, wait=True, loopback=True, which=None):
+        port = port or free_port()
+        argv = ["-port", str(port)]
+        if loopback:
+            argv += ["-address", "127.0.0.1"]
+        argv += list(args)
+        d = Daemon(which or impl, port, argv, env if env is not None else base_env(), tmp_path)
+        started.append(d)
+        return d.start(wait=wait)
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture
+def epmd(start_epmd):
+    """A running daemon with default options (loopback only)."""
+    return start_epmd()

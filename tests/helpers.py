@@ -1,0 +1,280 @@
+"""Helpers for the black-box tests: start daemons, speak the wire protocol.
+
+Everything here talks to real processes over real sockets on loopback (or on
+this host's own non-loopback addresses); nothing is mocked.
+"""
+
+import glob
+import os
+import random
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EPMD_PY = ROOT / "epmd.py"
+REQUIRE_ERLANG = os.environ.get("EPMD_TEST_REQUIRE_ERLANG") == "1"
+
+U16 = struct.Struct(">H")
+U32 = struct.Struct(">I")
+
+
+def need(what):
+    """Skip for a missing Erlang/OTP piece, or fail when CI requires it."""
+    msg = "needs %s (install Debian's erlang-base)" % what
+    if REQUIRE_ERLANG:
+        pytest.fail(msg + "; EPMD_TEST_REQUIRE_ERLANG=1 makes this a failure")
+    pytest.skip(msg)
+
+
+def _is_elf(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
+
+
+def find_otp_epmd():
+    """Return the path of OTP's own epmd binary, or None.
+
+    $EPMD_TEST_OTP_EPMD wins; then the erts directories of an installed OTP;
+    then an `epmd` on PATH that is a compiled binary (not our script).
+    """
+    env = os.environ.get("EPMD_TEST_OTP_EPMD")
+    if env:
+        return env if os.access(env, os.X_OK) else None
+    for cand in sorted(glob.glob("/usr/lib/erlang/erts-*/bin/epmd")) + [shutil.which("epmd") or ""]:
+        if cand and os.access(cand, os.X_OK) and _is_elf(cand):
+            return cand
+    return None
+
+
+OTP_EPMD = find_otp_epmd()
+ERL = shutil.which("erl")
+
+
+def _bindable(family, host, port):
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        s.bind((host, port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def free_port():
+    """A TCP port free on 127.0.0.1, ::1 and the wildcard addresses, below the
+    ephemeral range and never 4369."""
+    for _ in range(500):
+        port = random.randint(20000, 32000)
+        if port == 4369:
+            continue
+        if all(_bindable(f, h, port) for f, h in ((socket.AF_INET, "0.0.0.0"),
+                                                   (socket.AF_INET6, "::"))):
+            return port
+    raise RuntimeError("no free port")
+
+
+def host_addresses(family):
+    """Non-loopback addresses of this host in *family* (from `ip`), or []."""
+    flag = "-4" if family == socket.AF_INET else "-6"
+    try:
+        out = subprocess.run(["ip", flag, "-o", "addr", "show", "scope", "global"],
+                             capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    addrs = []
+    for line in out.splitlines():
+        parts = line.split()
+        if "inet" in parts or "inet6" in parts:
+            i = parts.index("inet" if family == socket.AF_INET else "inet6")
+            addrs.append(parts[i + 1].split("/")[0])
+    return addrs
+
+
+# -- the wire ---------------------------------------------------------------
+
+def frame(payload):
+    return U16.pack(len(payload)) + payload
+
+
+def alive2(name, port=5000, nodetype=77, proto=0, highvsn=6, lowvsn=5, extra=b"", nlen=None, elen=None):
+    """An ALIVE2_REQ payload (no length prefix)."""
+    if isinstance(name, str):
+        name = name.encode()
+    return (struct.pack(">BHBBHHH", 120, port, nodetype, proto, highvsn, lowvsn,
+                        len(name) if nlen is None else nlen)
+            + name + U16.pack(len(extra) if elen is None else elen) + extra)
+
+
+def connect(port, host="127.0.0.1", source=None, timeout=5.0):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    if source:
+        s.bind((source, 0))
+    s.connect((host, port))
+    return s
+
+
+def read_to_eof(sock, timeout=5.0):
+    """Read until the peer closes; return the bytes.  A reset after (or instead
+    of) data counts as the end, as OTP's epmd resets when it closes with unread
+    input.  Raises socket.timeout if the peer neither closes nor resets."""
+    sock.settimeout(timeout)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            data = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+        if time.monotonic() > deadline:
+            raise socket.timeout("no EOF after %.1f s" % timeout)
+    return b"".join(chunks)
+
+
+def is_open(sock, wait=0.5):
+    """True if *sock* is still open from the server's side after *wait* seconds
+    (nothing to read, no EOF)."""
+    sock.settimeout(wait)
+    try:
+        data = sock.recv(1, socket.MSG_PEEK)
+    except socket.timeout:
+        return True
+    except ConnectionResetError:
+        return False
+    return bool(data)
+
+
+def request(port, payload, host="127.0.0.1", source=None, raw=False, timeout=5.0):
+    """Send one request (framed unless *raw*) and return the whole reply."""
+    with connect(port, host, source) as s:
+        s.sendall(payload if raw else frame(payload))
+        return read_to_eof(s, timeout)
+
+
+def register(epmd_port, name, host="127.0.0.1", **kw):
+    """Register *name* (keywords as for alive2); return (socket, reply bytes)."""
+    s = connect(epmd_port, host)
+    s.sendall(frame(alive2(name, **kw)))
+    want = 6 if kw.get("highvsn", 6) >= 6 else 4
+    reply = b""
+    s.settimeout(5)
+    while len(reply) < want:
+        data = s.recv(want - len(reply))
+        if not data:
+            break
+        reply += data
+    return s, reply
+
+
+def names(port, host="127.0.0.1"):
+    """NAMES_REQ: return (port in the header, list of lines as bytes)."""
+    reply = request(port, b"n", host)
+    assert len(reply) >= 4, reply
+    return U32.unpack_from(reply)[0], reply[4:].splitlines(keepends=True)
+
+
+def registered(port):
+    """Names listed by NAMES_REQ, as bytes, in reply order."""
+    _, lines = names(port)
+    out = []
+    for line in lines:
+        assert line.startswith(b"name ") and line.endswith(b"\n"), line
+        out.append(line[5:line.rindex(b" at port ")])
+    return out
+
+
+def wait_until(pred, timeout=5.0, step=0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()
+
+
+# -- daemons ----------------------------------------------------------------
+
+class Daemon:
+    """One epmd process (ours or OTP's) started by a test, killed by PID."""
+
+    def __init__(self, impl, port, args, env, tmp):
+        self.impl = impl
+        self.port = port
+        self.args = list(args)
+        self.env = env
+        self.stderr_path = tmp / ("epmd-%s-%d-%d.err" % (impl, port, random.randint(0, 1 << 30)))
+        self.proc = None
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def command(self):
+        exe = [sys.executable, str(EPMD_PY)] if self.impl == "py" else [OTP_EPMD]
+        return exe + self.args
+
+    def start(self, wait=True):
+        self._err = open(self.stderr_path, "wb")
+        self.proc = subprocess.Popen(self.command(), env=self.env, stdin=subprocess.DEVNULL,
+                                     stdout=self._err, stderr=self._err, close_fds=True)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, host="127.0.0.1", timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("%s epmd exited with %s: %s"
+                                   % (self.impl, self.proc.returncode, self.stderr()))
+            try:
+                reply = request(self.port, b"n", host, timeout=2)
+                if len(reply) >= 4:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.02)
+        raise RuntimeError("%s epmd not ready on port %d: %s" % (self.impl, self.port, self.stderr()))
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def wait_exit(self, timeout=5.0):
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stderr(self):
+        try:
+            return self.stderr_path.read_bytes().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def stop(self):
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(3)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(3)
+        self._err.close()

@@ -1,0 +1,701 @@
+"""Black-box tests of the wire protocol, run against epmd.py and OTP's epmd.
+
+Each test runs once per implementation (the `impl` fixture).  Where epmd.py
+deliberately differs from OTP (D1-D12 of the reference), the test asserts
+each side's own behaviour, so every test also shows what OTP does.
+Numbers in the docstrings refer to the checklist of the reference, section 9.
+"""
+
+import socket
+import struct
+import time
+
+import pytest
+
+from helpers import (U16, U32, alive2, connect, frame, is_open, names, read_to_eof, register,
+                     registered, request, wait_until)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def port2(port, name, raw_tail=b""):
+    if isinstance(name, str):
+        name = name.encode()
+    return request(port, b"z" + name + raw_tail)
+
+
+# -- NAMES ------------------------------------------------------------------
+
+def test_names_empty(epmd):
+    """1: NAMES with no nodes is exactly the 4-byte port."""
+    assert request(epmd.port, b"n") == U32.pack(epmd.port)
+
+
+def test_names_newest_first(epmd):
+    """2: one line per node, newest registration first."""
+    socks = []
+    for i, name in enumerate(["alpha", "beta", "gamma"]):
+        s, reply = register(epmd.port, name, port=40001 + i)
+        assert reply[:2] == b"v\x00"
+        socks.append(s)
+    reply = request(epmd.port, b"n")
+    assert reply == (U32.pack(epmd.port) + b"name gamma at port 40003\n"
+                     b"name beta at port 40002\nname alpha at port 40001\n")
+    for s in socks:
+        s.close()
+
+
+def test_names_trailing_junk_and_max_length(epmd):
+    """33, 36: bytes after the code are ignored, up to L = 3057."""
+    s, _ = register(epmd.port, "n1", port=4242)
+    expected = U32.pack(epmd.port) + b"name n1 at port 4242\n"
+    assert request(epmd.port, b"nXYZ") == expected
+    assert request(epmd.port, b"n" + b"j" * 3056) == expected
+    s.close()
+
+
+# -- ALIVE2 -----------------------------------------------------------------
+
+def test_alive2_x_resp_and_kept_open(epmd):
+    """3, 5: highest version 6 gets ALIVE2_X_RESP with creation = time + 1;
+    the connection stays open."""
+    before = int(time.time())
+    s, reply = register(epmd.port, "xnode", port=40000)
+    after = int(time.time())
+    assert len(reply) == 6 and reply[:2] == b"v\x00"
+    creation = U32.unpack_from(reply, 2)[0]
+    assert before + 1 <= creation <= after + 1
+    assert is_open(s, 0.3)
+    assert registered(epmd.port) == [b"xnode"]
+    s.close()
+
+
+@pytest.mark.parametrize("highvsn", [5, 0])
+def test_alive2_old_resp(epmd, highvsn):
+    """4: highest version below 6 gets ALIVE2_RESP with a creation in 1..3."""
+    s, reply = register(epmd.port, "old%d" % highvsn, highvsn=highvsn, lowvsn=0)
+    assert len(reply) == 4 and reply[:2] == b"y\x00"
+    assert 1 <= U16.unpack_from(reply, 2)[0] <= 3
+    assert is_open(s, 0.2)
+    s.close()
+
+
+def test_alive2_reregister_bumps_creation(epmd):
+    """6: registering a name again gives the previous creation + 1."""
+    s, r1 = register(epmd.port, "again")
+    s.close()
+    assert wait_until(lambda: registered(epmd.port) == [])
+    s, r2 = register(epmd.port, "again")
+    assert U32.unpack_from(r2, 2)[0] == U32.unpack_from(r1, 2)[0] + 1
+    s.close()
+
+
+@pytest.mark.parametrize("highvsn,expected", [(6, b"v\x01\x00\x00\x00\x63"), (5, b"y\x01\x00\x63")])
+def test_alive2_duplicate(epmd, highvsn, expected):
+    """7, 8: a duplicate name gets result 1, creation 99; the first owner stays.
+    OTP then holds the rejected connection open forever (even past the packet
+    time-out); epmd.py closes it (D9)."""
+    s1, r1 = register(epmd.port, "dup")
+    s2, r2 = register(epmd.port, "dup", highvsn=highvsn)
+    assert r2 == expected
+    assert registered(epmd.port) == [b"dup"]
+    if epmd.impl == "otp":
+        assert is_open(s2, 0.5)
+    else:
+        assert read_to_eof(s2, 2) == b""
+    assert port2(epmd.port, "dup")[:2] == b"w\x00"
+    s1.close()
+    s2.close()
+
+
+def test_failed_alive2_not_timed_out(start_epmd):
+    """8: OTP keeps a failed ALIVE2's connection open past packet_timeout;
+    epmd.py closes it at once (D9)."""
+    d = start_epmd("-packet_timeout", "1")
+    s1, _ = register(d.port, "dup")
+    s2, r2 = register(d.port, "dup")
+    assert r2[1] == 1
+    if d.impl == "otp":
+        assert is_open(s2, 3.5)
+    else:
+        assert read_to_eof(s2, 2) == b""
+    s1.close()
+    s2.close()
+
+
+def test_any_byte_on_registered_connection_unregisters(epmd):
+    """9: data on a registered connection unregisters the node and closes it."""
+    s, _ = register(epmd.port, "chatty")
+    s.sendall(b"hello")
+    assert read_to_eof(s) == b""
+    assert registered(epmd.port) == []
+    s.close()
+
+
+def test_half_close_unregisters(epmd):
+    """10: shutdown(SHUT_WR) on a registered connection unregisters the node."""
+    s, _ = register(epmd.port, "half")
+    s.shutdown(socket.SHUT_WR)
+    assert read_to_eof(s) == b""
+    assert wait_until(lambda: registered(epmd.port) == [])
+    s.close()
+
+
+@pytest.mark.parametrize("payload", [
+    pytest.param(alive2("")[:13], id="L13-no-elen"),
+    pytest.param(alive2("a")[:12], id="L12"),
+    pytest.param(alive2("abc", nlen=200), id="nlen-beyond"),
+    pytest.param(alive2("abc", elen=50), id="elen-beyond"),
+    pytest.param(alive2(b"ab\0cd"), id="nul-in-name"),
+])
+def test_alive2_malformed_closed_without_reply(epmd, payload):
+    """11, 12, 13: malformed ALIVE2 packets are closed without a reply."""
+    assert request(epmd.port, payload) == b""
+    assert registered(epmd.port) == []
+
+
+@pytest.mark.parametrize("name,extra", [
+    pytest.param(b"a" * 256, b"", id="256-ascii"),
+    pytest.param("\U0001F600".encode() * 256, b"", id="256-4byte-1024-bytes"),
+    pytest.param(b"bad\xff", b"", id="invalid-utf8"),
+    pytest.param(b"\xc0\x80x", b"", id="overlong"),
+    pytest.param(b"\xed\xa0\x80", b"", id="surrogate"),
+    pytest.param(b"\xf4\x90\x80\x80", b"", id="above-10ffff"),
+    pytest.param(b"okname", b"e" * 1021, id="extra-1021"),
+])
+def test_alive2_refused_with_error(epmd, name, extra):
+    """14: too long, badly encoded names and too much extra get result 1."""
+    s, reply = register(epmd.port, name, extra=extra)
+    assert reply == b"v\x01\x00\x00\x00\x63"
+    assert registered(epmd.port) == []
+    s.close()
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param("a" * 255, id="255-ascii"),
+    pytest.param("\U0001F600" * 255, id="255-4byte"),
+])
+def test_alive2_limits_accepted(epmd, name):
+    """15: 255 code points (up to 1020 bytes) and 1020 bytes of extra register,
+    in a packet of the maximum size 3057... and are echoed by PORT2."""
+    raw = name.encode()
+    extra = bytes(range(256)) * 3 + b"x" * (1020 - 768)
+    s, reply = register(epmd.port, raw, port=1234, extra=extra)
+    assert reply[:2] == b"v\x00"
+    assert registered(epmd.port) == [raw]
+    s.close()
+
+
+def test_alive2_max_packet_3057(epmd):
+    """15, 33: an ALIVE2 of exactly L = 3057 (trailing bytes after Extra) works."""
+    name = ("\U0001F600" * 255).encode()
+    extra = b"E" * 1020
+    payload = alive2(name, extra=extra)
+    payload += b"T" * (3057 - len(payload))
+    assert len(payload) == 3057
+    with connect(epmd.port) as s:
+        s.sendall(frame(payload))
+        s.settimeout(5)
+        assert s.recv(6)[:2] == b"v\x00"
+        assert registered(epmd.port) == [name]
+
+
+def test_alive2_empty_name(epmd):
+    """16: OTP registers an empty name (listed as ``name  at port``);
+    epmd.py refuses it with result 1 (D10)."""
+    s, reply = register(epmd.port, b"", extra=b"x", port=5000)
+    if epmd.impl == "otp":
+        assert reply == b"v\x00" + reply[2:] and len(reply) == 6
+        assert names(epmd.port)[1] == [b"name  at port 5000\n"]
+    else:
+        assert reply == b"v\x01\x00\x00\x00\x63"
+        assert registered(epmd.port) == []
+    s.close()
+
+
+def test_alive2_trailing_bytes_ignored(epmd):
+    """17: bytes after Extra are ignored."""
+    with connect(epmd.port) as s:
+        s.sendall(frame(alive2("trail", extra=b"ex") + b"JUNKJUNK"))
+        s.settimeout(5)
+        assert s.recv(6)[:2] == b"v\x00"
+        assert port2(epmd.port, "trail").endswith(b"\x00\x02ex")
+
+
+# -- PORT_PLEASE2 -------------------------------------------------------------
+
+def test_port2_echoes_every_field(epmd):
+    """18, 19: PORT2_RESP echoes port, type, protocol, versions, name, extra;
+    one trailing NUL in the request is ignored."""
+    s, _ = register(epmd.port, "echo", port=0xBEEF, nodetype=72, proto=3, highvsn=7,
+                    lowvsn=4, extra=b"\x01\x02\x00x")
+    expected = (b"w\x00" + struct.pack(">HBBHHH", 0xBEEF, 72, 3, 7, 4, 4) + b"echo"
+                + U16.pack(4) + b"\x01\x02\x00x")
+    assert port2(epmd.port, "echo") == expected
+    assert port2(epmd.port, "echo", b"\0") == expected
+    s.close()
+
+
+def test_port2_unknown(epmd):
+    """20: an unknown name gets exactly ``w`` 1."""
+    assert port2(epmd.port, "nobody") == b"w\x01"
+
+
+@pytest.mark.parametrize("payload", [
+    pytest.param(b"z", id="empty"),
+    pytest.param(b"z\0", id="nul-only"),
+    pytest.param(b"zab\0cd", id="interior-nul"),
+    pytest.param(b"zab\xffcd", id="invalid-utf8"),
+    pytest.param(b"z" + b"a" * 256, id="256-chars"),
+])
+def test_port2_malformed_closed(epmd, payload):
+    """21: empty, NUL inside, bad UTF-8, too long: closed without reply."""
+    assert request(epmd.port, payload) == b""
+
+
+def test_port2_255_characters(epmd):
+    """22: OTP cannot look up a registered 255-character name (it counts the
+    terminator); epmd.py can (D8).  254 works for both."""
+    for name in ("b" * 254, "c" * 255, "\U0001F600" * 255):
+        s, reply = register(epmd.port, name)
+        assert reply[:2] == b"v\x00"
+        answer = port2(epmd.port, name)
+        if epmd.impl == "otp" and len(name) == 255:
+            assert answer == b""
+        else:
+            assert answer[:2] == b"w\x00" and name.encode() in answer
+        s.close()
+
+
+# -- DUMP, KILL, STOP ---------------------------------------------------------
+
+def test_dump_format(start_epmd):
+    """23, 63: DUMP lists active nodes newest first and old ones oldest first,
+    NUL-terminated; with -d, a new name takes over the oldest old entry's
+    creation once more than 5 are remembered."""
+    d = start_epmd("-d")
+    creations = {}
+    for i in range(6):
+        s, reply = register(d.port, "old%d" % i, port=41000 + i)
+        creations["old%d" % i] = U32.unpack_from(reply, 2)[0]
+        s.close()
+        assert wait_until(lambda: registered(d.port) == [])
+    s1, _ = register(d.port, "act1", port=42001)
+    # six names are remembered, more than 5: "act1" took old0's entry as it was
+    reply = request(d.port, b"d")
+    assert reply[:4] == U32.pack(d.port)
+    parts = reply[4:].split(b"\0")
+    assert parts[-1] == b""
+    lines = parts[:-1]
+    assert lines[0].startswith(b"active name     <act1> at port 42001, fd = ")
+    assert lines[0].endswith(b"\n")
+    olds = lines[1:]
+    assert [line.split(b">")[0] for line in olds] == [b"old/unused name <old%d" % i for i in range(1, 6)]
+    for i, line in zip(range(1, 6), olds):
+        assert line.startswith(b"old/unused name <old%d>, port = %d, fd = " % (i, 41000 + i))
+        assert line.endswith(b" \n")
+    s1.close()
+
+
+def test_steal_passes_creation_on(start_epmd):
+    """63: with -d, after 6 unregistered names a new name's creation equals the
+    oldest unregistered entry's last creation, and that entry leaves DUMP."""
+    d = start_epmd("-d")
+    first = None
+    for i in range(6):
+        s, reply = register(d.port, "n%d" % i)
+        if i == 0:
+            first = U32.unpack_from(reply, 2)[0]
+        s.close()
+        assert wait_until(lambda: registered(d.port) == [])
+    s, reply = register(d.port, "fresh")
+    assert U32.unpack_from(reply, 2)[0] == first
+    assert b"<n0>" not in request(d.port, b"d")
+    s.close()
+
+
+def test_kill_refused_with_live_nodes(epmd):
+    """24: KILL with live nodes and no relaxed mode: ``NO``, daemon lives."""
+    s, _ = register(epmd.port, "live")
+    assert request(epmd.port, b"k") == b"NO"
+    assert epmd.alive()
+    assert registered(epmd.port) == [b"live"]
+    s.close()
+
+
+def test_kill_no_nodes(epmd):
+    """25, 36: KILL with no nodes: ``OK`` and exit 0 (trailing junk ignored)."""
+    assert request(epmd.port, b"kXYZ") == b"OK"
+    assert epmd.wait_exit(5) == 0
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_kill_relaxed(start_epmd, how):
+    """26: relaxed mode (the flag, or the variable set to an empty string):
+    KILL succeeds with live nodes, which see EOF."""
+    from conftest import base_env
+    if how == "flag":
+        d = start_epmd("-relaxed_command_check")
+    else:
+        d = start_epmd(env=base_env(ERL_EPMD_RELAXED_COMMAND_CHECK=""))
+    s, _ = register(d.port, "victim")
+    assert request(d.port, b"k") == b"OK"
+    assert read_to_eof(s) == b""
+    assert d.wait_exit(5) == 0
+    s.close()
+
+
+def test_stop_not_relaxed(epmd):
+    """27: STOP without relaxed mode: closed, no reply, node still there."""
+    s, _ = register(epmd.port, "keep")
+    assert request(epmd.port, b"skeep") == b""
+    assert registered(epmd.port) == [b"keep"]
+    s.close()
+
+
+def test_stop_relaxed(start_epmd):
+    """28, 29: STOP of a registered name: ``STOPPED`` and its connection is
+    closed; an unknown name: ``NOEXISTSTOPPED``; the name ends at a NUL."""
+    d = start_epmd("-relaxed_command_check")
+    s, _ = register(d.port, "beta")
+    assert request(d.port, b"sbeta\0junk") == b"STOPPED"
+    assert read_to_eof(s) == b""
+    assert registered(d.port) == []
+    assert request(d.port, b"sbeta") == b"NOEXISTSTOPPED"
+    assert request(d.port, b"s") == b""
+    s.close()
+
+
+# -- framing ----------------------------------------------------------------
+
+@pytest.mark.parametrize("raw", [
+    pytest.param(b"\x00\x01Q", id="Q"),
+    pytest.param(b"\x00\x01a", id="old-ALIVE_REQ"),
+    pytest.param(b"\x00\x03pab", id="old-PORT_REQ"),
+    pytest.param(b"\x00\x00", id="L0"),
+    pytest.param(b"\x0b\xf2" + b"n" * 3058, id="L3058"),
+    pytest.param(b"\xff\xff", id="L65535"),
+    pytest.param(b"\x00\x01n\x00\x01n", id="two-requests"),
+    pytest.param(frame(alive2("pipe")) + frame(b"n"), id="alive2-then-names"),
+])
+def test_bad_framing_closed_without_reply(epmd, raw):
+    """30, 31, 32, 34: unknown codes, bad lengths and pipelined requests are
+    closed without a reply (and register nothing)."""
+    assert request(epmd.port, raw, raw=True) == b""
+    assert registered(epmd.port) == []
+
+
+def test_byte_at_a_time(epmd):
+    """35: a request delivered one byte per write is answered."""
+    s0, _ = register(epmd.port, "slow")
+    with connect(epmd.port) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for b in frame(b"zslow"):
+            s.send(bytes((b,)))
+            time.sleep(0.05)
+        assert read_to_eof(s)[:2] == b"w\x00"
+    with connect(epmd.port) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for b in frame(alive2("dribble")):
+            s.send(bytes((b,)))
+            time.sleep(0.02)
+        s.settimeout(5)
+        assert s.recv(6)[:2] == b"v\x00"
+        assert set(registered(epmd.port)) == {b"slow", b"dribble"}
+    s0.close()
+
+
+def test_packet_timeout(start_epmd):
+    """37: with -packet_timeout 1, idle and incomplete connections are closed
+    without reply within 1-3 s; a registered one is not."""
+    d = start_epmd("-packet_timeout", "1")
+    reg, _ = register(d.port, "stays")
+    idle = connect(d.port)
+    part = connect(d.port)
+    part.sendall(b"\x00\x05zab")
+    t0 = time.monotonic()
+    assert read_to_eof(idle, 5) == b""
+    assert read_to_eof(part, 5) == b""
+    assert time.monotonic() - t0 <= 3.5
+    assert is_open(reg, 1.0)
+    assert registered(d.port) == [b"stays"]
+    for s in (reg, idle, part):
+        s.close()
+
+
+def test_dribble_never_times_out(start_epmd):
+    """39: a client sending one byte a second is never timed out while its
+    packet is incomplete."""
+    d = start_epmd("-packet_timeout", "1")
+    with connect(d.port) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        data = frame(b"nXYZ")
+        for b in data[:-1]:
+            s.send(bytes((b,)))
+            time.sleep(0.7)
+        s.send(data[-1:])
+        assert read_to_eof(s) == U32.pack(d.port)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_default_packet_timeout(start_epmd):
+    """38: with the default time-out, an incomplete connection is closed 60 to
+    66 s after its last byte (OTP measured 61-66 s)."""
+    d = start_epmd()
+    with connect(d.port) as s:
+        s.sendall(b"\x00")
+        t0 = time.monotonic()
+        assert read_to_eof(s, 80) == b""
+        assert 60 <= time.monotonic() - t0 <= 66.5
+
+
+# -- access control and listening ----------------------------------------------
+
+def test_ipv6_loopback(epmd):
+    """The implicit ::1 listener serves every request, locally."""
+    s, reply = register(epmd.port, "six", host="::1")
+    assert reply[:2] == b"v\x00"
+    assert names(epmd.port, host="::1")[1] == [b"name six at port 5000\n"]
+    assert request(epmd.port, b"zsix", host="::1")[:2] == b"w\x00"
+    s.close()
+
+
+def _remote_source(family):
+    from helpers import host_addresses
+    addrs = host_addresses(family)
+    if not addrs:
+        pytest.skip("this host has no non-loopback address of that family")
+    return addrs[0]
+
+
+@pytest.mark.parametrize("family,host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
+def test_remote_peer_only_answered(epmd, family, host):
+    """40, 41: from a non-loopback source address to loopback, NAMES and PORT2
+    are answered; ALIVE2, DUMP, KILL and STOP are closed without a reply."""
+    src = _remote_source(family)
+    s, _ = register(epmd.port, "here")
+    assert request(epmd.port, b"n", host=host, source=src) == U32.pack(epmd.port) + b"name here at port 5000\n"
+    assert request(epmd.port, b"zhere", host=host, source=src)[:2] == b"w\x00"
+    for payload in (alive2("intruder"), b"d", b"k", b"shere"):
+        assert request(epmd.port, payload, host=host, source=src) == b""
+    assert registered(epmd.port) == [b"here"]
+    assert epmd.alive()
+    s.close()
+
+
+def test_same_host_address_is_local(start_epmd):
+    """4 (access rule 4): the host talking to itself over its own non-loopback
+    address is local."""
+    src = _remote_source(socket.AF_INET)
+    d = start_epmd("-address", src)
+    s, reply = register(d.port, "selfie", host=src)
+    assert reply[:2] == b"v\x00"
+    assert request(d.port, b"d", host=src)[:4] == U32.pack(d.port)
+    s.close()
+
+
+def _listening(pid, port):
+    """The (address, port) pairs process *pid* listens on, from /proc/net."""
+    inodes = set()
+    import os
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            link = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    found = []
+    for table, fam in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                parts = line.split()
+                local, state, inode = parts[1], parts[3], parts[9]
+                if state != "0A" or inode not in inodes:
+                    continue
+                hexaddr, hexport = local.split(":")
+                raw = bytes.fromhex(hexaddr)
+                if fam == socket.AF_INET:
+                    addr = socket.inet_ntop(fam, raw[::-1])
+                else:
+                    addr = socket.inet_ntop(fam, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+                found.append((addr, int(hexport, 16)))
+    return sorted(found)
+
+
+def test_address_list(start_epmd):
+    """42, 43: -address adds the listed addresses to 127.0.0.1 and ::1; the
+    loopback addresses are not bound twice."""
+    d = start_epmd("-address", "127.0.0.2", loopback=False)
+    assert _listening(d.pid, d.port) == sorted([("127.0.0.1", d.port), ("::1", d.port), ("127.0.0.2", d.port)])
+    assert names(d.port, host="127.0.0.2")[0] == d.port
+    d2 = start_epmd("-address", "127.0.0.1,::1", loopback=False)
+    assert _listening(d2.pid, d2.port) == sorted([("127.0.0.1", d2.port), ("::1", d2.port)])
+    d3 = start_epmd("-address", " 127.0.0.3 , ,127.0.0.4 ", loopback=False)
+    assert len(_listening(d3.pid, d3.port)) == 4
+
+
+def test_no_address_listens_everywhere(start_epmd):
+    """Without -address: 0.0.0.0 and :: (IPv6-only)."""
+    d = start_epmd(loopback=False)
+    assert _listening(d.pid, d.port) == sorted([("0.0.0.0", d.port), ("::", d.port)])
+
+
+def test_address_env_and_override(start_epmd):
+    """46: ERL_EPMD_ADDRESS is honoured with loopback added; -address replaces it."""
+    from conftest import base_env
+    d = start_epmd(loopback=False, env=base_env(ERL_EPMD_ADDRESS="127.0.0.5"))
+    assert ("127.0.0.5", d.port) in _listening(d.pid, d.port)
+    d2 = start_epmd("-address", "127.0.0.6", loopback=False, env=base_env(ERL_EPMD_ADDRESS="127.0.0.5"))
+    addrs = [a for a, _ in _listening(d2.pid, d2.port)]
+    assert "127.0.0.6" in addrs and "127.0.0.5" not in addrs
+
+
+def test_bad_address(start_epmd):
+    """44: an unparsable address: ``cannot parse IP address "bogus"``, exit 1."""
+    d = start_epmd("-address", "bogus", loopback=False, wait=False)
+    assert d.wait_exit(5) == 1
+    assert 'cannot parse IP address "bogus"' in d.stderr()
+
+
+def test_too_many_addresses(start_epmd):
+    """45: 13 non-loopback addresses work; 14 are refused, exit 1."""
+    ok = ",".join("127.0.1.%d" % i for i in range(1, 14))
+    d = start_epmd("-address", ok, loopback=False)
+    assert len(_listening(d.pid, d.port)) == 15
+    bad = ",".join("127.0.2.%d" % i for i in range(1, 15))
+    d2 = start_epmd("-address", bad, loopback=False, wait=False)
+    assert d2.wait_exit(5) == 1
+    assert "cannot listen on more than 16 IP addresses" in d2.stderr()
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_port_busy_exits_zero(start_epmd, debug):
+    """47: a second daemon on a busy port exits 0 and the first keeps serving.
+    OTP prints the "already running" line only with -d; epmd.py always (D12)."""
+    d1 = start_epmd()
+    s, _ = register(d1.port, "first")
+    args = ["-d"] if debug else []
+    d2 = start_epmd(*args, port=d1.port, wait=False)
+    assert d2.wait_exit(5) == 0
+    line = "there is already a epmd running at port %d on ipaddr 127.0.0.1" % d1.port
+    if debug or d2.impl == "py":
+        assert line in d2.stderr()
+    else:
+        assert d2.stderr() == ""
+    assert registered(d1.port) == [b"first"]
+    s.close()
+
+
+def test_erl_epmd_port_env(start_epmd):
+    """48: ERL_EPMD_PORT sets the daemon's port."""
+    from conftest import base_env
+    from helpers import free_port
+    port = free_port()
+    d = start_epmd(env=base_env(ERL_EPMD_PORT=str(port)), loopback=False, port=None)
+    # -port from the fixture wins over the variable, as in OTP
+    assert names(d.port)[0] == d.port
+    d.stop()
+    import subprocess
+    import sys
+    from helpers import EPMD_PY, OTP_EPMD
+    exe = [sys.executable, str(EPMD_PY)] if d.impl == "py" else [OTP_EPMD]
+    p = subprocess.Popen(exe + ["-address", "127.0.0.1"], env=base_env(ERL_EPMD_PORT=str(port)),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: _try_names(port) == port, 10)
+    finally:
+        p.terminate()
+        p.wait(5)
+
+
+def _try_names(port):
+    try:
+        return names(port)[0]
+    except OSError:
+        return None
+
+
+def test_port_70000(start_epmd, impl):
+    """49: OTP binds 70000 mod 65536 = 4464 and reports 70000; epmd.py refuses
+    a port outside 1..65535 (D7)."""
+    from helpers import Daemon, free_port
+    if impl == "py":
+        d = start_epmd(port=70000, wait=False)
+        assert d.wait_exit(5) == 1
+        assert "70000" in d.stderr()
+        return
+    from helpers import _bindable
+    if not (_bindable(socket.AF_INET, "127.0.0.1", 4464) and _bindable(socket.AF_INET6, "::1", 4464)):
+        pytest.skip("port 4464 is busy")
+    del Daemon, free_port
+    d = start_epmd(port=70000, wait=False)
+    assert wait_until(lambda: _try_names(4464) == 70000, 10)
+    d.stop()
+
+
+# -- logging ------------------------------------------------------------------
+
+LOG_LINE = r"^epmd: \w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}: .*\r$"
+
+
+def test_debug_hexdump_format(start_epmd):
+    """60, 61: -d -d logs every packet read and written as ``got N bytes`` and
+    ``***** ``-prefixed hexdump rows, every line ending in CRLF."""
+    import re
+    d = start_epmd("-d", "-d")
+    s, _ = register(d.port, "cap", port=40000)
+    assert request(d.port, b"n")
+    s.close()
+    assert wait_until(lambda: "unregistering 'cap:" in d.stderr())
+    err = d.stderr()
+    lines = err.split("\n")[:-1]
+    assert lines and all(line.endswith("\r") for line in lines)
+    for line in lines:
+        if not line.startswith("***** "):
+            assert re.match(LOG_LINE, line), line
+    assert ("***** 00000000  00 10 78 9c 40 4d 00 00  06 00 05 00 03 63 61 70  |..x.@M.......cap|\r\n"
+            "***** 00000010  00 00                                             |..|\r\n") in err
+    assert "***** 00000000  00 01 6e                                          |..n|\r\n" in err
+    for text_ in ("** got ALIVE2_REQ", "registering 'cap:", "type 77 proto 0 highvsn 6 lowvsn 5",
+                  '** sent ALIVE2_RESP for "cap"', "** got NAMES_REQ", "** sent NAMES_RESP",
+                  "Local peer connected", "opening connection on file descriptor",
+                  "closing connection on file descriptor", "entering the main select() loop",
+                  "got 3 bytes", "got 6 bytes", "got 4 bytes", "got 23 bytes"):
+        assert text_ in err, text_
+
+
+def test_level0_partial_packet_logged(epmd):
+    """Level 0 lines are printed without -d: a bare connect-and-close logs
+    "got partial packet only"."""
+    s = connect(epmd.port)
+    s.close()
+    assert wait_until(lambda: "got partial packet only on file descriptor" in epmd.stderr())
+
+
+# -- scale ------------------------------------------------------------------
+
+@pytest.mark.timeout(120)
+def test_thousand_registrations(start_epmd, impl):
+    """1,000 simultaneous registrations are all listed by NAMES (OTP's limit
+    is about 1,019 connections, so 1,000 fits both)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    d = start_epmd()
+    socks = []
+    try:
+        for i in range(1000):
+            s, reply = register(d.port, "node%04d" % i, port=10000 + i)
+            assert reply[:2] == b"v\x00", i
+            socks.append(s)
+        listed = registered(d.port)
+        assert sorted(listed) == sorted(b"node%04d" % i for i in range(1000))
+        assert listed[0] == b"node0999"
+    finally:
+        for s in socks:
+            s.close()
+    assert wait_until(lambda: registered(d.port) == [], 10)
