@@ -61,8 +61,10 @@ OTP_EPMD = find_otp_epmd()
 ERL = shutil.which("erl")
 
 
-def _bindable(family, host, port):
+def _bindable(family, host, port, reuse=False):
     s = socket.socket(family, socket.SOCK_STREAM)
+    if reuse:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         s.bind((host, port))
         return True

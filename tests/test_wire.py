@@ -628,7 +628,8 @@ def test_port_70000(start_epmd, impl):
         assert "70000" in d.stderr()
         return
     from helpers import _bindable
-    if not (_bindable(socket.AF_INET, "127.0.0.1", 4464) and _bindable(socket.AF_INET6, "::1", 4464)):
+    if not (_bindable(socket.AF_INET, "127.0.0.1", 4464, reuse=True)
+            and _bindable(socket.AF_INET6, "::1", 4464, reuse=True)):
         pytest.skip("port 4464 is busy")
     del Daemon, free_port
     d = start_epmd(port=70000, wait=False)
@@ -699,3 +700,40 @@ def test_thousand_registrations(start_epmd, impl):
         for s in socks:
             s.close()
     assert wait_until(lambda: registered(d.port) == [], 10)
+
+
+def _reset(sock):
+    """Close *sock* with an RST instead of a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def test_failed_reply_write_keeps_other_node(start_epmd):
+    """64: a duplicate ALIVE2 whose client resets before the (delayed) reply.
+    OTP then unregisters the *live* owner of that name; epmd.py only ever
+    unregisters what the failing connection registered itself (D1)."""
+    d = start_epmd("-delay_write", "1")
+    owner, reply = register(d.port, "victim")
+    assert reply[:2] == b"v\x00"
+    dup = connect(d.port)
+    dup.sendall(frame(alive2("victim")))
+    time.sleep(0.3)
+    _reset(dup)
+    time.sleep(1.5)
+    if d.impl == "otp":
+        assert registered(d.port) == []
+    else:
+        assert registered(d.port) == [b"victim"]
+    assert is_open(owner, 0.2)
+    owner.close()
+
+
+def test_failed_reply_write_unregisters_own_node(start_epmd):
+    """A registration whose client resets before the reply is not kept."""
+    d = start_epmd("-delay_write", "1")
+    s = connect(d.port)
+    s.sendall(frame(alive2("gone")))
+    time.sleep(0.3)
+    _reset(s)
+    time.sleep(1.5)
+    assert registered(d.port) == []

@@ -1,0 +1,163 @@
+"""Interoperability with real Erlang/OTP nodes (Debian's erlang-base).
+
+Nodes are started with ``-start_epmd false`` and ``ERL_EPMD_PORT`` set to the
+port of an epmd.py started by the test, so OTP's own epmd is never involved.
+Skipped without `erl`, unless EPMD_TEST_REQUIRE_ERLANG=1 (CI), where a
+missing `erl` is a failure.
+"""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import base_env
+from helpers import EPMD_PY, ERL, OTP_EPMD, Daemon, free_port, need, registered, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+ECHO_LOOP = ("register(echo, self()), "
+             "L = fun Loop() -> receive {From, M} -> From ! {echo, M}, Loop() end end, L().")
+
+
+@pytest.fixture
+def ours(tmp_path):
+    if ERL is None:
+        need("erl")
+    d = Daemon("py", free_port(), [], base_env(), tmp_path)
+    d.args = ["-port", str(d.port), "-address", "127.0.0.1"]
+    d.start()
+    yield d
+    d.stop()
+
+
+class Nodes:
+    """Erlang nodes started by one test, each killed by PID at the end."""
+
+    def __init__(self, epmd_port, tmp_path):
+        self.env = base_env(ERL_EPMD_PORT=str(epmd_port), HOME=str(tmp_path))
+        self.procs = []
+        self.tag = "%06d" % random.randint(0, 999999)
+
+    def name(self, base):
+        return "%s_%s" % (base, self.tag)
+
+    def cmd(self, name, code):
+        return [ERL, "-sname", name, "-setcookie", "epmdpytest", "-start_epmd", "false",
+                "-noshell", "-noinput", "-eval", code]
+
+    def start(self, base, code=ECHO_LOOP):
+        p = subprocess.Popen(self.cmd(self.name(base), code), env=self.env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.procs.append(p)
+        return p
+
+    def run(self, base, code, timeout=60):
+        p = subprocess.Popen(self.cmd(self.name(base), code), env=self.env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.procs.append(p)
+        out, _ = p.communicate(timeout=timeout)
+        return p.returncode, out.decode("utf-8", "replace")
+
+    def close(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(10)
+
+
+@pytest.fixture
+def nodes(ours, tmp_path):
+    n = Nodes(ours.port, tmp_path)
+    yield n
+    n.close()
+
+
+def test_two_nodes_find_and_talk(ours, nodes):
+    """Two nodes register, see each other in net_adm:names(), ping each other
+    and exchange messages and an rpc:call through epmd.py."""
+    a = nodes.name("a")
+    nodes.start("a")
+    assert wait_until(lambda: a.encode() in registered(ours.port), 30)
+    code = (
+        '[_, H] = string:split(atom_to_list(node()), "@"), '
+        'A = list_to_atom("%s@" ++ H), '
+        '{ok, Names} = net_adm:names(), '
+        'io:format("NAMES ~p~n", [lists:sort([N || {N, _} <- Names])]), '
+        'io:format("PING ~p~n", [net_adm:ping(A)]), '
+        'io:format("RPC ~p~n", [rpc:call(A, erlang, node, [])]), '
+        'io:format("BACK ~p~n", [rpc:call(A, net_adm, ping, [node()])]), '
+        '{echo, A} ! {self(), hello_through_epmd_py}, '
+        'receive {echo, M} -> io:format("ECHO ~p~n", [M]) after 10000 -> io:format("ECHO none~n") end, '
+        'halt().' % a)
+    rc, out = nodes.run("b", code)
+    assert rc == 0, out
+    b = nodes.name("b")
+    assert 'NAMES ["%s","%s"]' % (a, b) in out, out
+    assert "PING pong" in out, out
+    assert "RPC %s@" % a in out, out
+    assert "BACK pong" in out, out
+    assert "ECHO hello_through_epmd_py" in out, out
+    assert wait_until(lambda: b.encode() not in registered(ours.port), 10)
+
+
+def test_duplicate_node_name_fails(ours, nodes):
+    """A third node with a name already registered fails to start."""
+    a = nodes.name("a")
+    nodes.start("a")
+    assert wait_until(lambda: a.encode() in registered(ours.port), 30)
+    rc, out = nodes.run("a", "io:format(\"STARTED~n\"), halt().")
+    assert rc != 0
+    assert "STARTED" not in out
+    assert registered(ours.port) == [a.encode()]
+
+
+def test_killed_node_disappears(ours, nodes):
+    """A node killed with SIGKILL disappears from NAMES (its connection closes)."""
+    a, b = nodes.name("a"), nodes.name("b")
+    pa = nodes.start("a")
+    nodes.start("b")
+    assert wait_until(lambda: set(registered(ours.port)) == {a.encode(), b.encode()}, 30)
+    os.kill(pa.pid, signal.SIGKILL)
+    assert wait_until(lambda: registered(ours.port) == [b.encode()], 10)
+
+
+def test_otp_client_lists_our_nodes(ours, nodes):
+    """OTP's own `epmd -port P -names` lists the nodes registered with epmd.py."""
+    if OTP_EPMD is None:
+        need("OTP's epmd binary")
+    a = nodes.name("a")
+    nodes.start("a")
+    assert wait_until(lambda: a.encode() in registered(ours.port), 30)
+    out = subprocess.run([OTP_EPMD, "-port", str(ours.port), "-names"], capture_output=True,
+                         timeout=10, env=base_env())
+    assert out.returncode == 0
+    lines = out.stdout.decode().splitlines()
+    assert lines[0] == "epmd: up and running on port %d with data:" % ours.port
+    assert any(line.startswith("name %s at port " % a) for line in lines[1:]), lines
+
+
+def test_debug_output_of_a_real_registration(tmp_path):
+    """`-d -d` shows a real node's registration as OTP's epmd does: the
+    request's hexdump, the registering lines and the reply's hexdump."""
+    if ERL is None:
+        need("erl")
+    d = Daemon("py", free_port(), [], base_env(), tmp_path)
+    d.args = ["-port", str(d.port), "-address", "127.0.0.1", "-d", "-d"]
+    d.start()
+    n = Nodes(d.port, tmp_path)
+    try:
+        a = n.name("a")
+        n.start("a")
+        assert wait_until(lambda: '** sent ALIVE2_RESP for "%s"' % a in d.stderr(), 30)
+        err = d.stderr()
+        assert "** got ALIVE2_REQ" in err
+        assert "registering '%s:" % a in err
+        assert "type 77 proto 0 highvsn 6 lowvsn 5" in err
+        assert "got 6 bytes\r\n***** 00000000  76 00 " in err
+    finally:
+        n.close()
+        d.stop()
