@@ -26,9 +26,9 @@ U16 = struct.Struct(">H")
 U32 = struct.Struct(">I")
 
 
-def need(what):
-    """Skip for a missing Erlang/OTP piece, or fail when CI requires it."""
-    msg = "needs %s (install Debian's erlang-base)" % what
+def need(what, package="erlang-base"):
+    """Skip for a missing tool (Erlang/OTP by default), or fail when CI requires it."""
+    msg = "needs %s (install Debian's %s)" % (what, package)
     if REQUIRE_ERLANG:
         pytest.fail(msg + "; EPMD_TEST_REQUIRE_ERLANG=1 makes this a failure")
     pytest.skip(msg)

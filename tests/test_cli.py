@@ -1,0 +1,242 @@
+"""The command line as operators and scripts use it.
+
+Client actions are run with both clients, ours and OTP's `epmd` binary,
+against the same daemon (ours and OTP's, through the `impl` fixture), and
+their stdout, stderr and exit codes are compared byte for byte: OTP's output
+is captured live in the test, never pasted in.
+"""
+
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from conftest import base_env
+from helpers import EPMD_PY, OTP_EPMD, ROOT, free_port, register, registered, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def client(which, args, env=None, cwd=None):
+    """Run a client (`py` or `otp`); return (rc, stdout, stderr) as bytes."""
+    if which == "otp" and OTP_EPMD is None:
+        from helpers import need
+        need("OTP's epmd binary")
+    exe = [sys.executable, str(EPMD_PY)] if which == "py" else [OTP_EPMD]
+    p = subprocess.run(exe + list(args), capture_output=True, timeout=30,
+                       env=env if env is not None else base_env(), cwd=cwd)
+    return p.returncode, p.stdout, p.stderr
+
+
+def both(args, env=None):
+    """Run both clients with *args*; assert identical results; return ours."""
+    ours = client("py", args, env)
+    theirs = client("otp", args, env)
+    assert ours == theirs, "epmd.py %r != OTP %r" % (ours, theirs)
+    return ours
+
+
+# -- against a running daemon ----------------------------------------------------
+
+def test_names(epmd):
+    s1, _ = register(epmd.port, "alpha", port=40001)
+    s2, _ = register(epmd.port, "beta", port=40002)
+    rc, out, err = both(["-port", str(epmd.port), "-names"])
+    assert rc == 0 and err == b""
+    assert out == (b"epmd: up and running on port %d with data:\n"
+                   b"name beta at port 40002\nname alpha at port 40001\n" % epmd.port)
+    s1.close()
+    s2.close()
+
+
+def test_names_through_env_port(epmd):
+    rc, out, _ = both(["-names"], env=base_env(ERL_EPMD_PORT=str(epmd.port)))
+    assert rc == 0 and out == b"epmd: up and running on port %d with data:\n" % epmd.port
+
+
+def test_dump(epmd):
+    s, _ = register(epmd.port, "gamma", port=40004)
+    rc, out, err = both(["-port", str(epmd.port), "-dump"])
+    assert rc == 0 and err == b""
+    assert out.startswith(b"epmd: up and running on port %d with data:\n"
+                          b"active name     <gamma> at port 40004, fd = " % epmd.port)
+    assert out.endswith(b"\n\0")
+    s.close()
+
+
+def test_started(epmd):
+    assert both(["-port", str(epmd.port), "-started"]) == (0, b"", b"")
+
+
+def test_kill_refused(epmd):
+    s, _ = register(epmd.port, "live")
+    rc, out, err = both(["-port", str(epmd.port), "-kill"])
+    assert (rc, out, err) == (1, b"Killing not allowed - living nodes in database.\n", b"")
+    assert epmd.alive()
+    s.close()
+
+
+def test_kill(start_epmd):
+    results = []
+    for which in ("py", "otp"):
+        d = start_epmd()
+        results.append(client(which, ["-port", str(d.port), "-kill"]))
+        assert d.wait_exit(5) == 0
+    assert results[0] == results[1] == (0, b"Killed\n", b"")
+
+
+def test_stop_relaxed(start_epmd):
+    d = start_epmd("-relaxed_command_check")
+    for which in ("py", "otp"):
+        s, _ = register(d.port, "victim")
+        assert client(which, ["-port", str(d.port), "-stop", "victim"]) == (0, b"STOPPED\n", b"")
+        assert registered(d.port) == []
+        s.close()
+    assert both(["-port", str(d.port), "-stop", "nobody"]) == (0, b"NOEXIST\n", b"")
+
+
+def test_stop_not_relaxed(epmd):
+    s, _ = register(epmd.port, "keep")
+    assert both(["-port", str(epmd.port), "-stop", "keep"]) == (
+        1, b"epmd: local epmd responded with <>\n", b"")
+    assert registered(epmd.port) == [b"keep"]
+    s.close()
+
+
+def test_ipv4_only_daemon_is_found(start_epmd):
+    """The client tries ::1, then 127.0.0.1."""
+    port = free_port()
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", port))
+    srv.listen()
+
+    def serve():
+        for _ in range(2):
+            c, _ = srv.accept()
+            c.recv(10)
+            c.sendall(b"\x00\x00\x10\x00")
+            c.close()
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    assert both(["-port", str(port), "-names"]) == (0, b"epmd: up and running on port 4096 with data:\n", b"")
+    srv.close()
+
+
+# -- no daemon, short answers --------------------------------------------------
+
+@pytest.mark.parametrize("action", [["-names"], ["-dump"], ["-kill"], ["-stop", "x"], ["-started"]])
+def test_no_daemon(action):
+    rc, out, err = both(["-port", str(free_port())] + action)
+    assert rc == 1 and out == b""
+    assert err == (b"" if action == ["-started"] else b"epmd: Cannot connect to local epmd\n")
+
+
+def test_name_too_long():
+    assert both(["-port", str(free_port()), "-stop", "n" * 1001]) == (1, b"epmd: Name too long!", b"")
+
+
+class FakeDaemon:
+    """A peer that answers every connection with fixed bytes and closes:
+    the short or odd replies a real epmd never sends."""
+
+    def __init__(self, answer):
+        self.port = free_port()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", self.port))
+        self.sock.listen()
+        self.answer = answer
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            with c:
+                c.settimeout(5)
+                try:
+                    c.recv(2000)
+                    c.sendall(self.answer)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.mark.parametrize("answer,action,expected", [
+    (b"\x00\x00", ["-names"], (1, b"epmd: no response from local epmd\n", b"")),
+    (b"", ["-names"], (1, b"epmd: no response from local epmd\n", b"")),
+    (b"", ["-started"], (1, b"", b"")),
+    (b"O", ["-kill"], (1, b"epmd: local epmd responded with <>\n", b"")),
+    (b"XY", ["-kill"], (1, b"Killing not allowed - living nodes in database.\n", b"")),
+    (b"STOP", ["-stop", "a"], (1, b"epmd: local epmd responded with <>\n", b"")),
+    (b"NOEXISTSTOPPED", ["-stop", "a"], (0, b"NOEXIST\n", b"")),
+])
+def test_short_or_odd_answers(answer, action, expected):
+    fake = FakeDaemon(answer)
+    try:
+        assert both(["-port", str(fake.port)] + action) == expected
+    finally:
+        fake.close()
+
+
+# -- usage ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [
+    ["-bogus"], ["-help"], ["-port"], ["-port", "0"], ["-port", "abc"], ["-packet_timeout", "0"],
+    ["-delay_accept", "0"], ["-delay_write"], ["-stop"], ["-stop", "a", "b"], ["-address"],
+])
+def test_usage(args):
+    """Unknown flags and missing or invalid values: usage on stderr, exit 1."""
+    for which in ("py", "otp"):
+        rc, out, err = client(which, args)
+        assert rc == 1 and out == b"", which
+        assert b"usage: epmd" in err, which
+
+
+def test_usage_lists_every_flag():
+    import epmd as mod
+    rc, _, err = client("py", ["-bogus"])
+    assert rc == 1
+    for flag in mod.ALL_FLAGS:
+        assert flag.encode() in err, flag
+
+
+def test_actions_anywhere(epmd):
+    """D11: epmd.py takes client actions anywhere; OTP wants them last."""
+    rc, out, _ = client("py", ["-names", "-port", str(epmd.port)])
+    assert rc == 0 and out == b"epmd: up and running on port %d with data:\n" % epmd.port
+    rc, _, err = client("otp", ["-names", "-port", str(epmd.port)])
+    assert rc == 1 and b"usage" in err
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "70000"])
+def test_bad_env_port_is_an_error(value):
+    """D7: a bad ERL_EPMD_PORT is reported, exit 1 (OTP uses atoi())."""
+    rc, out, err = client("py", ["-names"], env=base_env(ERL_EPMD_PORT=value))
+    assert rc == 1 and b"ERL_EPMD_PORT" in err and value.encode() in err
+
+
+# -- other ways to start it ------------------------------------------------------
+
+def test_python_m_epmd_and_console_script(epmd, tmp_path):
+    """`python3 -m epmd` and the `epmd` entry point behave as `python3 epmd.py`."""
+    args = ["-port", str(epmd.port), "-names"]
+    expected = client("py", args)
+    m = subprocess.run([sys.executable, "-m", "epmd"] + args, capture_output=True, cwd=ROOT,
+                       env=base_env(), timeout=30)
+    assert (m.returncode, m.stdout, m.stderr) == expected
+    script = subprocess.run([sys.executable, "-c", "import sys, epmd; sys.argv[0] = 'epmd'; epmd.console_main()"]
+                            + args, capture_output=True, cwd=ROOT, env=base_env(), timeout=30)
+    assert (script.returncode, script.stdout, script.stderr) == expected
+    bad = subprocess.run([sys.executable, "-m", "epmd", "-bogus"], capture_output=True, cwd=ROOT,
+                         env=base_env(), timeout=30)
+    assert bad.returncode == 1
+
