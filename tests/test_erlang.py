@@ -161,3 +161,51 @@ def test_debug_output_of_a_real_registration(tmp_path):
     finally:
         n.close()
         d.stop()
+
+
+def _shape(log):
+    """The log with what legitimately differs between two runs blanked out:
+    timestamps, numbers, and the bytes (not the layout) of hexdump rows."""
+    import re
+    out = []
+    for line in log.split("\r\n"):
+        if line.startswith("***** "):
+            m = re.match(r"^(\*\*\*\*\* [0-9a-f]{8})((?:  ?[ 0-9a-f]{2}){16}|.*?)  \|(.*)\|$", line)
+            assert m, line
+            hexpart = re.sub(r"[0-9a-f]{2}", "xx", m.group(2))
+            out.append("%s%s  |%s|" % (m.group(1), hexpart, "." * len(m.group(3))))
+        else:
+            line = re.sub(r"^epmd: \w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}: ", "epmd: <time>: ", line)
+            out.append(re.sub(r"\d+", "N", line))
+    return out
+
+
+def test_debug_log_same_as_otp(tmp_path):
+    """The same node registering and leaving, once with OTP's epmd -d -d and
+    once with epmd.py -d -d, gives the same log line for line (timestamps,
+    numbers and dumped bytes aside)."""
+    if ERL is None or OTP_EPMD is None:
+        need("erl and OTP's epmd")
+    logs = {}
+    for which in ("otp", "py"):
+        d = Daemon(which, free_port(), [], base_env(), tmp_path)
+        d.args = ["-port", str(d.port), "-address", "127.0.0.1", "-d", "-d"]
+        d.start()
+        n = Nodes(d.port, tmp_path)
+        n.tag = "cmp"
+        try:
+            rc, out = n.run("a", "halt().")
+            assert rc == 0, out
+            assert wait_until(lambda: "unregistering" in d.stderr(), 10)
+            # a client closing while the request is incomplete, then NAMES
+            c = __import__("helpers").connect(d.port)
+            c.close()
+            assert wait_until(lambda: "got partial packet" in d.stderr(), 10)
+            registered(d.port)
+            assert wait_until(lambda: d.stderr().count("closing connection") >= 4, 10)
+        finally:
+            n.close()
+            d.stop()
+        # the readiness probe of the fixture is a NAMES request too; keep from there
+        logs[which] = _shape(d.stderr())
+    assert logs["py"] == logs["otp"]

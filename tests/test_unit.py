@@ -368,3 +368,14 @@ def test_parse_args_bad_env_port(value):
     """D7: a bad ERL_EPMD_PORT is an error (OTP binds random ports)."""
     with pytest.raises(epmd.UsageError, match="ERL_EPMD_PORT"):
         epmd.parse_args([], {"ERL_EPMD_PORT": value})
+
+
+@pytest.mark.parametrize("env,message", [
+    ({}, "systemd provides no sockets"),
+    ({"LISTEN_FDS": "0"}, "systemd provides no sockets"),
+    ({"LISTEN_FDS": "2", "LISTEN_PID": "1"}, "systemd provides no sockets"),
+    ({"LISTEN_FDS": "17"}, "more than 16"),
+])
+def test_systemd_listen_sockets_errors(env, message):
+    with pytest.raises(epmd.StartupError, match=message):
+        epmd.systemd_listen_sockets(dict(env))
