@@ -746,7 +746,7 @@ def open_listen_sockets(addresses, port, log):
             except OSError as e:
                 if e.errno in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
                     continue
-                raise StartupError("error opening stream socket: %s" % e.strerror)
+                raise StartupError("error opening stream socket: %s" % e.strerror) from e
             try:
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -757,17 +757,17 @@ def open_listen_sockets(addresses, port, log):
                 sock.close()
                 if e.errno == errno.EADDRINUSE:
                     raise AlreadyRunning("there is already a epmd running at port %d on ipaddr %s"
-                                         % (port, addr))
+                                         % (port, addr)) from e
                 msg = "failed to bind on ipaddr %s: %s" % (addr, e.strerror)
                 if i >= nonfatal:
-                    raise StartupError(msg)
+                    raise StartupError(msg) from e
                 log.dbg_printf(0, "%s", msg)
                 continue
             try:
                 sock.listen(socket.SOMAXCONN)
             except OSError as e:
                 sock.close()
-                raise StartupError("failed to listen on ipaddr %s: %s" % (addr, e.strerror))
+                raise StartupError("failed to listen on ipaddr %s: %s" % (addr, e.strerror)) from e
             socks.append(sock)
         if not socks:
             raise StartupError("unable to bind any address")
@@ -794,7 +794,7 @@ def systemd_listen_sockets(environ):
         try:
             count = int(fds)
         except ValueError:
-            raise StartupError("cannot obtain sockets from systemd: LISTEN_FDS=%r" % fds)
+            raise StartupError("cannot obtain sockets from systemd: LISTEN_FDS=%r" % fds) from None
     if count <= 0:
         raise StartupError("systemd provides no sockets")
     if count > MAX_LISTEN_SOCKETS:

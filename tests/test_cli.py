@@ -14,7 +14,7 @@ import threading
 import pytest
 
 from conftest import base_env
-from helpers import EPMD_PY, OTP_EPMD, ROOT, free_port, register, registered, wait_until
+from helpers import EPMD_PY, OTP_EPMD, ROOT, free_port, register, registered
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -233,8 +233,9 @@ def test_python_m_epmd_and_console_script(epmd, tmp_path):
     m = subprocess.run([sys.executable, "-m", "epmd"] + args, capture_output=True, cwd=ROOT,
                        env=base_env(), timeout=30)
     assert (m.returncode, m.stdout, m.stderr) == expected
-    script = subprocess.run([sys.executable, "-c", "import sys, epmd; sys.argv[0] = 'epmd'; epmd.console_main()"]
-                            + args, capture_output=True, cwd=ROOT, env=base_env(), timeout=30)
+    entry = "import sys, epmd; sys.argv[0] = 'epmd'; epmd.console_main()"
+    script = subprocess.run([sys.executable, "-c", entry] + args, capture_output=True, cwd=ROOT,
+                            env=base_env(), timeout=30)
     assert (script.returncode, script.stdout, script.stderr) == expected
     bad = subprocess.run([sys.executable, "-m", "epmd", "-bogus"], capture_output=True, cwd=ROOT,
                          env=base_env(), timeout=30)

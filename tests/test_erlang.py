@@ -10,12 +10,11 @@ import os
 import random
 import signal
 import subprocess
-import sys
 
 import pytest
 
 from conftest import base_env
-from helpers import EPMD_PY, ERL, OTP_EPMD, Daemon, free_port, need, registered, wait_until
+from helpers import ERL, OTP_EPMD, Daemon, free_port, need, registered, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -333,7 +333,8 @@ def test_dbg_print_buf_truncates():
 
 def test_parse_args_defaults():
     o = epmd.parse_args([], {})
-    assert (o["port"], o["debug"], o["action"], o["relaxed"], o["packet_timeout"]) == (4369, 0, None, False, 60)
+    assert (o["port"], o["debug"], o["action"], o["relaxed"], o["packet_timeout"]) == (
+        4369, 0, None, False, 60)
 
 
 def test_parse_args_env_and_flags():

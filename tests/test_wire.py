@@ -475,7 +475,8 @@ def test_remote_peer_only_answered(epmd, family, host):
     are answered; ALIVE2, DUMP, KILL and STOP are closed without a reply."""
     src = _remote_source(family)
     s, _ = register(epmd.port, "here")
-    assert request(epmd.port, b"n", host=host, source=src) == U32.pack(epmd.port) + b"name here at port 5000\n"
+    expected = U32.pack(epmd.port) + b"name here at port 5000\n"
+    assert request(epmd.port, b"n", host=host, source=src) == expected
     assert request(epmd.port, b"zhere", host=host, source=src)[:2] == b"w\x00"
     for payload in (alive2("intruder"), b"d", b"k", b"shere"):
         assert request(epmd.port, payload, host=host, source=src) == b""
@@ -529,7 +530,8 @@ def test_address_list(start_epmd):
     """42, 43: -address adds the listed addresses to 127.0.0.1 and ::1; the
     loopback addresses are not bound twice."""
     d = start_epmd("-address", "127.0.0.2", loopback=False)
-    assert _listening(d.pid, d.port) == sorted([("127.0.0.1", d.port), ("::1", d.port), ("127.0.0.2", d.port)])
+    expected = [("127.0.0.1", d.port), ("::1", d.port), ("127.0.0.2", d.port)]
+    assert _listening(d.pid, d.port) == sorted(expected)
     assert names(d.port, host="127.0.0.2")[0] == d.port
     d2 = start_epmd("-address", "127.0.0.1,::1", loopback=False)
     assert _listening(d2.pid, d2.port) == sorted([("127.0.0.1", d2.port), ("::1", d2.port)])
