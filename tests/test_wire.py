@@ -64,7 +64,8 @@ def test_alive2_x_resp_and_kept_open(epmd):
     after = int(time.time())
     assert len(reply) == 6 and reply[:2] == b"v\x00"
     creation = U32.unpack_from(reply, 2)[0]
-    assert before + 1 <= creation <= after + 1
+    # within 1 s: C's time() reads the coarse clock, which may lag time.time()
+    assert before <= creation <= after + 1
     assert is_open(s, 0.3)
     assert registered(epmd.port) == [b"xnode"]
     s.close()
