@@ -1256,27 +1256,21 @@ class Epmd:
     def do_names_req(self, conn, payload):
         """NAMES_REQ: the configured port as u32, then one line per node.
         Anyone may ask."""
-        log = self.log
-        log.dbg_printf(1, "** got NAMES_REQ")
-        chunks = [U32.pack(self.port & CREATION_MASK)]
-        chunks.extend(self.nodes.names_lines())
-        if self.reply(conn, chunks):
-            log.dbg_tty_printf(1, "** sent NAMES_RESP")
-        else:
-            log.dbg_tty_printf(1, "failed to send NAMES_RESP")
+        self.log.dbg_printf(1, "** got NAMES_REQ")
+        self.send_listing(conn, self.nodes.names_lines(), "NAMES_RESP")
 
     def do_dump_req(self, conn, payload):
         """DUMP_REQ: like NAMES, with the old names too; local peers only."""
-        log = self.log
-        log.dbg_printf(1, "** got DUMP_REQ")
-        if self.refuse_remote(conn, "DUMP_REQ"):
-            return
-        chunks = [U32.pack(self.port & CREATION_MASK)]
-        chunks.extend(self.nodes.dump_lines())
-        if self.reply(conn, chunks):
-            log.dbg_tty_printf(1, "** sent DUMP_RESP")
+        self.log.dbg_printf(1, "** got DUMP_REQ")
+        if not self.refuse_remote(conn, "DUMP_REQ"):
+            self.send_listing(conn, self.nodes.dump_lines(), "DUMP_RESP")
+
+    def send_listing(self, conn, lines, what):
+        """Reply the u32 configured port and *lines* (NAMES_RESP, DUMP_RESP)."""
+        if self.reply(conn, [U32.pack(self.port)] + lines):
+            self.log.dbg_tty_printf(1, "** sent %s", what)
         else:
-            log.dbg_tty_printf(1, "failed to send DUMP_RESP")
+            self.log.dbg_tty_printf(1, "failed to send %s", what)
 
     def do_kill_req(self, conn, payload):
         """KILL_REQ: "NO" while nodes are registered (unless relaxed), else

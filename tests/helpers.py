@@ -239,14 +239,14 @@ class Daemon:
             self.wait_ready()
         return self
 
-    def wait_ready(self, host="127.0.0.1", timeout=10.0):
+    def wait_ready(self, host="127.0.0.1", timeout=15.0):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError("%s epmd exited with %s: %s"
                                    % (self.impl, self.proc.returncode, self.stderr()))
             try:
-                reply = request(self.port, b"n", host, timeout=2)
+                reply = request(self.port, b"n", host, timeout=5)
                 if len(reply) >= 4:
                     return
             except OSError:

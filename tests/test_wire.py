@@ -740,3 +740,25 @@ def test_failed_reply_write_unregisters_own_node(start_epmd):
     _reset(s)
     time.sleep(1.5)
     assert registered(d.port) == []
+
+
+def test_delay_accept(start_epmd):
+    """-delay_accept N: the daemon sleeps N s after every wake-up, so even a
+    NAMES request takes more than N s."""
+    d = start_epmd("-delay_accept", "1")
+    t0 = time.monotonic()
+    assert request(d.port, b"n", timeout=10) == U32.pack(d.port)
+    assert time.monotonic() - t0 >= 1.0
+
+
+def test_delay_write(start_epmd):
+    """-delay_write N: N s before every write; NAMES with k nodes writes k + 1
+    times."""
+    d = start_epmd("-delay_write", "1")
+    s1, _ = register(d.port, "w1")
+    s2, _ = register(d.port, "w2")
+    t0 = time.monotonic()
+    assert len(request(d.port, b"n", timeout=10)) > 4
+    assert time.monotonic() - t0 >= 3.0
+    s1.close()
+    s2.close()
