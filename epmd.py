@@ -135,6 +135,7 @@ SYSTEMD_FIRST_FD = 3                # SD_LISTEN_FDS_START
 ACCEPT_BATCH = 64                   # accepts per wake-up of one listening socket
 FD_RESERVE = 16                     # descriptors kept back from connections
 LOCAL_RESERVE = 64                  # D4: connection slots only local peers get
+                                    # (at most half of the table)
 ACCEPT_PAUSE = 0.1                  # seconds listeners rest after EMFILE (D2)
 
 # struct formats of the fixed parts of packets.
@@ -601,8 +602,9 @@ class Connection:
 
     ``buf`` holds the bytes of the packet read so far (at most INBUF_SIZE),
     ``want`` the packet's total size with its 2-byte header once known (0
-    before), ``mod_time`` the last time bytes arrived (integer seconds of
-    the monotonic clock), ``keep`` is true once an ALIVE2_REQ succeeded: the
+    before), ``mod_time`` when the current phase began: the accept, then
+    the reply (integer seconds of the monotonic clock; OTP restarts it on
+    every read, D13), ``keep`` is true once an ALIVE2_REQ succeeded: the
     connection then lives as long as the node, with no packet time-out.
     ``out`` holds reply bytes the socket could not take yet; ``close_after``
     says the connection closes once they are written.
@@ -867,6 +869,7 @@ class Epmd:
         self.listeners = []
         self.sel = None
         self.max_conn = 0
+        self.local_reserve = 0
         self.spare_fd = -1          # D2: kept open to shed connections on EMFILE
         self.paused_until = 0.0     # D2: listeners rest until this monotonic time
         self.last_tick = 0
@@ -885,6 +888,7 @@ class Epmd:
             addrs = parse_addresses(self.addresses)
             self.listeners = open_listen_sockets(addrs, self.port, log)
         self.max_conn = self.conn_limit()
+        self.local_reserve = min(LOCAL_RESERVE, self.max_conn // 2)
 
     def conn_limit(self):
         """D3: size the connection table from RLIMIT_NOFILE, not FD_SETSIZE.
@@ -916,7 +920,8 @@ class Epmd:
     #      by do_write when a reply is waiting), which frames the packet and
     #      calls do_request when it is complete;
     #   3. time-outs: once a second, connections that are not registered
-    #      nodes and sent nothing for more than packet_timeout are closed.
+    #      nodes and did not complete their request (or take their reply)
+    #      within packet_timeout seconds are closed.
     # Any exception raised while handling one connection is logged and only
     # that connection is closed; the loop itself never dies of a peer.
 
@@ -966,8 +971,11 @@ class Epmd:
             self.shutdown()
 
     def check_timeouts(self):
-        """Close non-registered connections idle for more than packet_timeout
-        seconds (once per second at most).  Source: the end of OTP's run."""
+        """Close connections that are not registered nodes once more than
+        packet_timeout seconds passed since they were accepted (or since
+        their reply began) without the request (or the reply) being done.
+        Runs once per second at most.  Source: the end of OTP's run; D13.
+        """
         now = self.current_time()
         if now == self.last_tick:
             return
@@ -1075,14 +1083,14 @@ class Epmd:
 
         When the table is full the socket is closed at once ("failed
         opening connection").  D4: remote peers may not take the last
-        LOCAL_RESERVE slots, so a flood of remote connections cannot keep
+        local_reserve slots, so a flood of remote connections cannot keep
         local nodes from registering.  Source: OTP epmd_srv.c, conn_open.
         """
         log = self.log
         fd = sock.fileno()
         local = is_local_peer(sock)
         active = len(self.conns)
-        if active >= self.max_conn or (not local and active >= self.max_conn - LOCAL_RESERVE):
+        if active >= self.max_conn or (not local and active >= self.max_conn - self.local_reserve):
             log.dbg_tty_printf(0, "failed opening connection on file descriptor %d", fd)
             sock.close()
             return False
@@ -1169,8 +1177,11 @@ class Epmd:
             log.dbg_printf(0, "got %d bytes in packet, expected %d", conn.got - 2, conn.want - 2)
             self.conn_close(conn)
             return
-        conn.mod_time = self.current_time()
         if status == COMPLETE:
+            # D13: the time-out runs from the accept, not from the last read
+            # as in OTP, so a trickle cannot hold a slot; the reply gets a
+            # packet_timeout of its own.
+            conn.mod_time = self.current_time()
             payload = conn.buf[2:]
             conn.buf = b""
             self.do_request(conn, payload)
@@ -1386,7 +1397,6 @@ class Epmd:
             self.drop(conn)
             return
         conn.out = conn.out[sent:]
-        conn.mod_time = self.current_time()
         if not conn.out:
             if conn.close_after:
                 self.conn_close(conn)

@@ -22,25 +22,42 @@ def base_env(**extra):
     return env
 
 
-@pytest.fixture
-def start_epmd(impl, tmp_path):
-    """start_epmd(*args, port=None, env=None, wait=True, loopback=True) -> Daemon.
-
-    Starts *impl* with ``-port P`` (and ``-address 127.0.0.1`` unless
-    loopback=False) plus *args*; every daemon is stopped by PID afterwards.
-    """
+def _starter(default_impl, tmp_path):
     started = []
 
-    def start(*args, port=None, env=None, wait=True, loopback=True, which=None):
+    def start(*args, port=None, env=None, wait=True, loopback=True, which=None, nofile=None):
         port = port or free_port()
         argv = ["-port", str(port)]
         if loopback:
             argv += ["-address", "127.0.0.1"]
         argv += list(args)
-        d = Daemon(which or impl, port, argv, env if env is not None else base_env(), tmp_path)
+        d = Daemon(which or default_impl, port, argv, env if env is not None else base_env(), tmp_path)
+        d.nofile = nofile
         started.append(d)
         return d.start(wait=wait)
 
+    return start, started
+
+
+@pytest.fixture
+def start_epmd(impl, tmp_path):
+    """start_epmd(*args, port=None, env=None, wait=True, loopback=True,
+    which=None, nofile=None) -> Daemon.
+
+    Starts *impl* (or *which*) with ``-port P`` (and ``-address 127.0.0.1``
+    unless loopback=False) plus *args*, under the (soft, hard) descriptor
+    limit *nofile* if given; every daemon is stopped by PID afterwards.
+    """
+    start, started = _starter(impl, tmp_path)
+    yield start
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture
+def start_ours(tmp_path):
+    """As start_epmd, for tests of epmd.py alone (not run against OTP)."""
+    start, started = _starter("py", tmp_path)
     yield start
     for d in started:
         d.stop()

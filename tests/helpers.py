@@ -222,6 +222,7 @@ class Daemon:
         self.env = env
         self.stderr_path = tmp / ("epmd-%s-%d-%d.err" % (impl, port, random.randint(0, 1 << 30)))
         self.proc = None
+        self.nofile = None          # (soft, hard) RLIMIT_NOFILE for the daemon
 
     @property
     def pid(self):
@@ -233,8 +234,15 @@ class Daemon:
 
     def start(self, wait=True):
         self._err = open(self.stderr_path, "wb")
+        limit = self.nofile
+
+        def preexec():
+            if limit:
+                import resource
+                resource.setrlimit(resource.RLIMIT_NOFILE, limit)
         self.proc = subprocess.Popen(self.command(), env=self.env, stdin=subprocess.DEVNULL,
-                                     stdout=self._err, stderr=self._err, close_fds=True)
+                                     stdout=self._err, stderr=self._err, close_fds=True,
+                                     preexec_fn=preexec)
         if wait:
             self.wait_ready()
         return self
@@ -280,3 +288,85 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait(3)
         self._err.close()
+
+
+# -- a second host: a network namespace ----------------------------------------
+
+NSCLIENT = Path(__file__).resolve().parent / "nsclient.py"
+
+
+class NetNS:
+    """A network namespace joined to this host by a veth pair, for tests that
+    need a peer on another host.  Addresses (benchmarking and documentation
+    ranges, reachable only between this host and the namespace): this host
+    198.18.N.1 and 2001:db8:N::1, the namespace 198.18.N.2 and 2001:db8:N::2.
+    """
+
+    def __init__(self):
+        self.n = random.randint(1, 250)
+        tag = "%d%03d" % (os.getpid() % 1000, self.n)
+        self.name = "epmdt" + tag
+        self.host_if, self.ns_if = "eph" + tag, "epn" + tag
+        self.host4, self.peer4 = "198.18.%d.1" % self.n, "198.18.%d.2" % self.n
+        self.host6, self.peer6 = "2001:db8:%x::1" % self.n, "2001:db8:%x::2" % self.n
+
+    def ip(self, *args):
+        subprocess.run(["ip"] + list(args), check=True, capture_output=True, timeout=20)
+
+    def create(self):
+        self.ip("netns", "add", self.name)
+        self.ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
+        self.ip("link", "set", self.ns_if, "netns", self.name)
+        self.ip("addr", "add", self.host4 + "/24", "dev", self.host_if)
+        self.ip("addr", "add", self.host6 + "/64", "dev", self.host_if, "nodad")
+        self.ip("link", "set", self.host_if, "up")
+        self.ip("-n", self.name, "addr", "add", self.peer4 + "/24", "dev", self.ns_if)
+        self.ip("-n", self.name, "addr", "add", self.peer6 + "/64", "dev", self.ns_if, "nodad")
+        self.ip("-n", self.name, "link", "set", self.ns_if, "up")
+        self.ip("-n", self.name, "link", "set", "lo", "up")
+        return self
+
+    def destroy(self):
+        for args in (("netns", "del", self.name), ("link", "del", self.host_if)):
+            try:
+                self.ip(*args)
+            except (subprocess.SubprocessError, OSError):
+                pass
+
+    def cmd(self, *args):
+        return ["ip", "netns", "exec", self.name, sys.executable, str(NSCLIENT)] + [str(a) for a in args]
+
+    def request(self, host, port, payload):
+        """Send one framed request from inside the namespace; return the reply."""
+        p = subprocess.run(self.cmd("request", host, port, payload.hex()), capture_output=True,
+                           text=True, timeout=30)
+        assert p.returncode == 0, p.stderr
+        return bytes.fromhex(p.stdout.strip())
+
+    def hold(self, host, port, n):
+        """Open *n* idle connections from the namespace; return (process, how
+        many connected).  Closing the process's stdin releases them."""
+        p = subprocess.Popen(self.cmd("hold", host, port, n), stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+        return p, int(p.stdout.readline())
+
+
+def proc_fds(pid):
+    """How many descriptors process *pid* has open."""
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+def proc_cpu(pid):
+    """User + system CPU seconds of process *pid*."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_rss_kb(pid):
+    """Resident set size of process *pid*, in kB."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")

@@ -98,9 +98,9 @@ def test_daemon_detaches_serves_and_is_killed(reaper):
     assert wait_until(lambda: gone(pid), 5)
 
 
-def test_daemon_port_taken_exits_zero(start_epmd, reaper):
+def test_daemon_port_taken_exits_zero(start_ours, reaper):
     """-daemon on a port another epmd serves: 0, and the first keeps its nodes."""
-    d = start_epmd(which="py")
+    d = start_ours()
     s, _ = register(d.port, "first")
     rc, _, err = run_epmd(["-daemon", "-port", str(d.port), "-address", "127.0.0.1"])
     assert rc == 0
@@ -129,9 +129,9 @@ def test_daemon_bind_error(impl, reaper):
 # -- signals and restarts --------------------------------------------------------
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_ends_cleanly(start_epmd, sig):
+def test_signal_ends_cleanly(start_ours, sig):
     """SIGTERM and SIGINT: exit 0, listening sockets closed."""
-    d = start_epmd(which="py")
+    d = start_ours()
     s, _ = register(d.port, "n")
     d.proc.send_signal(sig)
     assert d.wait_exit(5) == 0
@@ -140,9 +140,9 @@ def test_signal_ends_cleanly(start_epmd, sig):
     s.close()
 
 
-def test_sigpipe_does_not_kill(start_epmd):
+def test_sigpipe_does_not_kill(start_ours):
     """A peer that resets before its reply is written never kills the daemon."""
-    d = start_epmd("-delay_write", "1", which="py")
+    d = start_ours("-delay_write", "1")
     s = connect(d.port)
     s.sendall(b"\x00\x01n")
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
@@ -152,17 +152,17 @@ def test_sigpipe_does_not_kill(start_epmd):
     assert names(d.port)[0] == d.port
 
 
-def test_restart_after_kill_9(start_epmd):
+def test_restart_after_kill_9(start_ours):
     """After kill -9, a new daemon binds the same port at once; the node whose
     connection was closed registers again."""
-    d = start_epmd(which="py")
+    d = start_ours()
     s, _ = register(d.port, "phoenix")
     others = [connect(d.port) for _ in range(3)]
     d.proc.kill()
     d.wait_exit(5)
     s.settimeout(5)
     assert s.recv(10) == b""          # the node sees its connection close
-    d2 = start_epmd(port=d.port, which="py")
+    d2 = start_ours(port=d.port)
     s2, reply = register(d2.port, "phoenix")
     assert reply[:2] == b"v\x00"
     assert registered(d2.port) == [b"phoenix"]

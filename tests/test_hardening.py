@@ -1,0 +1,441 @@
+"""Hardening beyond OTP: tests that attack a running daemon.
+
+One section per promise of the README's "Reliability" section.  Where OTP's
+epmd can run the same test, it does (the `impl` fixture), and the test states
+what OTP does instead.  Remote peers live in a network namespace joined to
+this host by a veth pair (tests/helpers.py, NetNS); they need root and `ip`.
+"""
+
+import os
+import random
+import resource
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from helpers import (ROOT, U16, U32, NetNS, alive2, connect, frame, names, need, proc_cpu, proc_fds,
+                     proc_rss_kb, read_to_eof, register, registered, request, wait_until)
+
+sys.path.insert(0, str(ROOT))
+import epmd  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def netns():
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        need("root and `ip` to make a network namespace", "iproute2")
+    ns = NetNS()
+    try:
+        ns.create()
+    except (subprocess.SubprocessError, OSError) as e:
+        ns.destroy()
+        need("a network namespace (%s)" % getattr(e, "stderr", e), "iproute2")
+    yield ns
+    ns.destroy()
+
+
+def raise_own_nofile(n):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < n:
+        if hard != resource.RLIM_INFINITY and hard < n:
+            pytest.skip("needs %d descriptors, the hard limit is %d" % (n, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
+
+
+# -- 1. remote peers are only answered, never obeyed ------------------------------
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_remote_peer_answered_not_obeyed(start_epmd, netns, family):
+    """From another host, NAMES and PORT_PLEASE2 are answered; ALIVE2, DUMP,
+    KILL and STOP are closed without a reply and change nothing, even on a
+    relaxed daemon with no node that -kill would protect."""
+    d = start_epmd("-address", "%s,%s" % (netns.host4, netns.host6), "-relaxed_command_check",
+                   loopback=False)
+    host = netns.host4 if family == "ipv4" else netns.host6
+    s, _ = register(d.port, "local1", port=4711)
+    assert netns.request(host, d.port, b"n") == U32.pack(d.port) + b"name local1 at port 4711\n"
+    assert netns.request(host, d.port, b"zlocal1")[:4] == b"w\x00" + U16.pack(4711)
+    for payload in (alive2("remote1"), b"d", b"slocal1", b"k"):
+        assert netns.request(host, d.port, payload) == b""
+    assert registered(d.port) == [b"local1"]
+    assert d.alive()
+    s.close()
+    assert wait_until(lambda: registered(d.port) == [])
+    assert netns.request(host, d.port, b"k") == b""     # no node now, still refused
+    assert d.alive()
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_own_address_is_local(start_epmd, netns, family):
+    """This host talking to the daemon over its own non-loopback address is
+    local, as in OTP: it may register."""
+    host = netns.host4 if family == "ipv4" else netns.host6
+    d = start_epmd("-address", host, loopback=False)
+    s, reply = register(d.port, "selfie", host=host)
+    assert reply[:2] == b"v\x00"
+    assert request(d.port, b"d", host=host)[:4] == U32.pack(d.port)
+    s.close()
+
+
+# -- 2. a remote flood cannot lock out local nodes (D4) --------------------------------
+
+def test_remote_flood_leaves_room_for_local(start_epmd, netns, impl):
+    """With the connection table full of idle remote connections, a local
+    ALIVE2 succeeds and a local NAMES is answered: the last LOCAL_RESERVE
+    slots are for local peers.  OTP, under the same flood and descriptor
+    limit, runs out of descriptors and exits (or leaves no slot)."""
+    limit = 200
+    d = start_epmd("-address", netns.host4, loopback=False, nofile=(limit, limit))
+    before = registered(d.port)
+    holder, opened = netns.hold(netns.host4, d.port, 400)
+    try:
+        assert opened > 150
+        if impl == "py":
+            assert wait_until(lambda: "failed opening connection" in d.stderr(), 10)
+            # remote connections stopped short of the reserve
+            assert proc_fds(d.pid) <= limit - epmd.FD_RESERVE - epmd.LOCAL_RESERVE + 8
+            s, reply = register(d.port, "local-in-flood")
+            assert reply[:2] == b"v\x00"
+            assert registered(d.port) == before + [b"local-in-flood"]
+            s.close()
+        else:
+            time.sleep(1)
+            try:
+                s, reply = register(d.port, "local-in-flood")
+                s.close()
+            except OSError:
+                reply = b""
+            assert reply[:2] != b"v\x00" or not d.alive()
+    finally:
+        holder.stdin.close()
+        holder.wait(20)
+
+
+# -- 3. no FD_SETSIZE cliff (D3) ---------------------------------------------------------
+
+N_NODES = 10000
+
+
+def test_ten_thousand_nodes(start_ours):
+    """10,000 nodes registered at once, all listed by NAMES, all looked up,
+    all released when their connections close.  (OTP stops at ~1,019.)"""
+    raise_own_nofile(N_NODES + 500)
+    d = start_ours()
+    socks = []
+    try:
+        for i in range(N_NODES):
+            s, reply = register(d.port, "n%05d" % i, port=1024 + i)
+            assert reply[:2] == b"v\x00", i
+            socks.append(s)
+        listed = registered(d.port)
+        assert len(listed) == N_NODES
+        assert set(listed) == {b"n%05d" % i for i in range(N_NODES)}
+        for i in range(N_NODES):
+            reply = request(d.port, b"zn%05d" % i)
+            assert reply[:4] == b"w\x00" + U16.pack(1024 + i), i
+    finally:
+        for s in socks:
+            s.close()
+    assert wait_until(lambda: registered(d.port) == [], 30)
+
+
+# -- 4. descriptor exhaustion is survived (D2) ----------------------------------------------
+
+def _hold_local(port, n):
+    socks = []
+    for _ in range(n):
+        try:
+            socks.append(connect(port, timeout=2))
+        except OSError:
+            pass
+    return socks
+
+
+def test_low_descriptor_limit(start_ours):
+    """Started with 64 descriptors, under more connections than it can hold:
+    the extra ones are closed at once, the daemon does not spin, keeps its
+    nodes, and serves normally once the connections close."""
+    d = start_ours(nofile=(64, 64))
+    nodes = [register(d.port, "keep%d" % i)[0] for i in range(10)]
+    idle = _hold_local(d.port, 100)
+    time.sleep(0.5)
+    cpu0 = proc_cpu(d.pid)
+    time.sleep(2)
+    assert proc_cpu(d.pid) - cpu0 < 0.5
+    assert d.alive()
+    for s in idle:
+        s.close()
+    assert wait_until(lambda: len(registered(d.port)) == 10, 10)
+    s, reply = register(d.port, "after")
+    assert reply[:2] == b"v\x00"
+    for s in nodes + [s]:
+        s.close()
+
+
+def test_emfile_survived(start_epmd, impl):
+    """The descriptor limit lowered under a running daemon (prlimit) so that
+    accept() fails with EMFILE: epmd.py logs it, sheds waiting connections,
+    does not spin, keeps every node and serves again once descriptors free
+    up.  OTP exits with status 1 and loses every registration."""
+    d = start_epmd()
+    nodes = [register(d.port, "keep%d" % i)[0] for i in range(10)]
+    fds = proc_fds(d.pid)
+    resource.prlimit(d.pid, resource.RLIMIT_NOFILE, (fds + 4, fds + 4))
+    idle = _hold_local(d.port, 60)
+    try:
+        if impl == "otp":
+            assert d.wait_exit(10) == 1
+            assert "error in accept: Too many open files" in d.stderr()
+            return
+        assert wait_until(lambda: "error in accept: Too many open files" in d.stderr(), 10)
+        cpu0 = proc_cpu(d.pid)
+        time.sleep(2)
+        assert proc_cpu(d.pid) - cpu0 < 0.5
+        assert d.alive()
+    finally:
+        for s in idle:
+            s.close()
+    assert wait_until(lambda: _names_or_none(d.port) is not None, 20)
+    assert sorted(registered(d.port)) == sorted(b"keep%d" % i for i in range(10))
+    for s in nodes[:5]:
+        s.close()
+    assert wait_until(lambda: len(registered(d.port)) == 5, 10)
+    s, reply = register(d.port, "after")
+    assert reply[:2] == b"v\x00"
+    for s in nodes[5:] + [s]:
+        s.close()
+
+
+def _names_or_none(port):
+    try:
+        return names(port)
+    except OSError:
+        return None
+
+
+# -- 5. slow and silent peers are bounded ------------------------------------------------------
+
+def test_silent_reader_bounded_and_loop_not_stalled(start_ours):
+    """A peer that asks for a NAMES reply larger than the kernel's buffers
+    (5,000 names of 1,020 bytes: about 5 MB) and never reads it: the rest of
+    the reply is buffered, other clients are served meanwhile, and the
+    connection is closed once the packet time-out has passed."""
+    n = 5000
+    raise_own_nofile(n + 500)
+    d = start_ours("-packet_timeout", "2")
+    stem = "\U0001F600" * 251
+    nodes = [register(d.port, "%s%04d" % (stem, i), port=6000)[0] for i in range(n)]
+    base = proc_fds(d.pid)
+    silent = socket.socket()
+    silent.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    silent.connect(("127.0.0.1", d.port))
+    silent.sendall(frame(b"n"))
+    time.sleep(0.5)
+    assert proc_fds(d.pid) == base + 1           # its reply is still being written
+    for i in (0, n // 2, n - 1):
+        t0 = time.monotonic()
+        reply = request(d.port, b"z" + ("%s%04d" % (stem, i)).encode())
+        assert reply[:4] == b"w\x00" + U16.pack(6000)
+        assert time.monotonic() - t0 < 0.5
+    assert wait_until(lambda: proc_fds(d.pid) == base, 6)
+    silent.close()
+    for s in nodes:
+        s.close()
+
+
+def test_half_packet_and_trickle_bounded(start_ours):
+    """Half a packet, and a trickle of one byte every 0.3 s, are both closed
+    once the packet time-out has passed since the accept (D13)."""
+    d = start_ours("-packet_timeout", "1")
+    base = proc_fds(d.pid)
+    half = connect(d.port)
+    half.sendall(frame(alive2("half"))[:9])
+    trickle = connect(d.port)
+    trickle.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    t0 = time.monotonic()
+    closed_after = None
+    for b in frame(b"n" * 40):
+        try:
+            trickle.send(bytes((b,)))
+        except OSError:
+            break
+        if proc_fds(d.pid) == base:
+            closed_after = time.monotonic() - t0
+            break
+        time.sleep(0.3)
+    assert closed_after is not None and closed_after <= 3.5
+    assert read_to_eof(half, 2) == b""
+    half.close()
+    trickle.close()
+
+
+# -- 6. any bytes are safe ----------------------------------------------------------------
+
+VALID = [alive2("fz", extra=b"e"), b"n", b"d", b"zfz", b"zkeep0", b"sfz", b"k", alive2("keep0")]
+
+
+def mutate(rng, payload):
+    """A valid request with bytes flipped, cut, extended, or framed wrongly."""
+    data = bytearray(frame(payload))
+    kind = rng.randrange(7)
+    if kind == 0 and len(data) > 2:
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(2, len(data))] = rng.randrange(256)
+    elif kind == 1:
+        data = data[:rng.randrange(len(data) + 1)]
+    elif kind == 2:
+        data += bytes(rng.randrange(256) for _ in range(rng.randint(1, 40)))
+    elif kind == 3:
+        data += frame(rng.choice(VALID))
+    elif kind == 4:
+        data[0:2] = U16.pack(rng.choice([0, 1, 2, 3057, 3058, 0xFFFF, rng.randrange(65536)]))
+    elif kind == 5:
+        data = bytearray(bytes(rng.randrange(256) for _ in range(rng.randint(0, 64))))
+    return bytes(data)
+
+
+class Harness:
+    """A real Epmd object with real (socketpair) connections, driven by hand:
+    no event loop, so each fuzz input runs do_read directly."""
+
+    def __init__(self):
+        import io
+        import selectors
+        self.e = epmd.Epmd(port=4369, log=epmd.DebugLog(0, out=io.BytesIO()))
+        self.e.sel = selectors.DefaultSelector()
+        self.e.max_conn, self.e.local_reserve = 10000, 64
+        self.keep = []
+        for i in range(3):
+            conn, peer = self.open(True)
+            self.feed(conn, peer, frame(alive2("keep%d" % i, port=7000 + i)))
+            assert conn.keep and peer.recv(6)[:2] == b"v\x00"
+            self.keep.append((conn, peer))
+
+    def open(self, local):
+        a, b = socket.socketpair()
+        assert self.e.conn_open(a)
+        conn = self.e.conns[a.fileno()]
+        conn.local_peer = local
+        return conn, b
+
+    def feed(self, conn, peer, data):
+        if data:
+            peer.sendall(data)
+        for _ in range(8):
+            if self.e.conns.get(conn.fd) is not conn:
+                return
+            self.e.do_read(conn)
+
+    def check(self):
+        e = self.e
+        for i, (conn, _) in enumerate(self.keep):
+            node = e.nodes.reg.get(b"keep%d" % i)
+            assert node is not None and node.conn is conn and node.port == 7000 + i
+        for node in e.nodes.reg.values():
+            assert e.conns.get(node.conn.fd) is node.conn and node.conn.node is node
+        assert len(e.nodes.unreg) <= e.nodes.max_unreg + 1
+        assert set(e.pending) <= set(e.conns)
+
+    def close(self):
+        for _, peer in self.keep:
+            peer.close()
+        self.e.shutdown()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.tuples(st.one_of(st.sampled_from(VALID).map(lambda p: ("valid", p)),
+                                    st.binary(max_size=80).map(lambda p: ("junk", p))),
+                          st.randoms(use_true_random=False), st.booleans(), st.booleans()),
+                min_size=1, max_size=12))
+def test_request_handling_fuzz(inputs):
+    """Random and mutated packets (fields flipped, cut, extended, concatenated,
+    misframed), from local and remote peers, through do_read and do_request:
+    no exception, the other connections' nodes stay registered, and the
+    tables stay consistent."""
+    h = Harness()
+    try:
+        for (kind, payload), rng, local, hang_up in inputs:
+            data = mutate(rng, payload) if kind == "valid" else payload
+            conn, peer = h.open(local)
+            h.feed(conn, peer, data)
+            if hang_up or h.e.conns.get(conn.fd) is conn:
+                peer.close()
+                h.feed(conn, peer, b"")
+            else:
+                peer.close()
+            h.check()
+        assert len(h.e.conns) == len(h.keep)
+    finally:
+        h.close()
+
+
+def test_socket_fuzz(start_ours):
+    """Thousands of random and mutated packets against a live daemon with
+    registered nodes: nothing escapes the loop, the nodes stay registered and
+    answerable, connections return to zero, memory stays bounded."""
+    d = start_ours("-packet_timeout", "1")
+    rng = random.Random(1234)
+    nodes = {}
+    for i in range(5):
+        s, reply = register(d.port, "keep%d" % i, port=7000 + i)
+        assert reply[:2] == b"v\x00"
+        nodes[i] = s
+    base_fds = proc_fds(d.pid)
+    for _ in range(200):
+        request(d.port, b"n")
+    rss0 = proc_rss_kb(d.pid)
+    for _ in range(3000):
+        data = mutate(rng, rng.choice(VALID))
+        try:
+            with connect(d.port, timeout=3) as s:
+                s.sendall(data)
+                s.shutdown(socket.SHUT_WR)
+                read_to_eof(s, 3)
+        except OSError:
+            pass
+    assert d.alive()
+    assert "internal error" not in d.stderr()
+    assert sorted(registered(d.port))[:5] == [b"keep%d" % i for i in range(5)]
+    for i in range(5):
+        assert request(d.port, b"zkeep%d" % i)[:4] == b"w\x00" + U16.pack(7000 + i)
+    assert wait_until(lambda: proc_fds(d.pid) == base_fds, 5)
+    assert proc_rss_kb(d.pid) - rss0 < 2048
+    for s in nodes.values():
+        s.close()
+
+
+# -- 7. registration churn does not grow memory (D6) --------------------------------------------
+
+def churn(port, start, count):
+    for i in range(start, start + count):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(frame(alive2("c%07d" % i)))
+        s.recv(6)
+        s.close()
+
+
+def test_churn_memory_bounded(start_ours):
+    """100,000 register/unregister cycles with fresh names: RSS after the run
+    is within 2 MB of RSS after the first 10,000 cycles."""
+    d = start_ours()
+    churn(d.port, 0, 10000)
+    assert wait_until(lambda: registered(d.port) == [], 10)
+    rss_10k = proc_rss_kb(d.pid)
+    churn(d.port, 10000, 90000)
+    assert wait_until(lambda: registered(d.port) == [], 10)
+    rss_100k = proc_rss_kb(d.pid)
+    assert rss_100k - rss_10k <= 2048, (rss_10k, rss_100k)
+    dump = request(d.port, b"d")
+    assert dump.count(b"old/unused name") <= epmd.MAX_UNREG_COUNT + 1
+
+
+del struct
