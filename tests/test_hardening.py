@@ -11,7 +11,6 @@ import random
 import resource
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -175,9 +174,9 @@ def test_low_descriptor_limit(start_ours):
     for s in idle:
         s.close()
     assert wait_until(lambda: len(registered(d.port)) == 10, 10)
-    s, reply = register(d.port, "after")
+    after, reply = register(d.port, "after")
     assert reply[:2] == b"v\x00"
-    for s in nodes + [s]:
+    for s in nodes + [after]:
         s.close()
 
 
@@ -209,9 +208,9 @@ def test_emfile_survived(start_epmd, impl):
     for s in nodes[:5]:
         s.close()
     assert wait_until(lambda: len(registered(d.port)) == 5, 10)
-    s, reply = register(d.port, "after")
+    after, reply = register(d.port, "after")
     assert reply[:2] == b"v\x00"
-    for s in nodes[5:] + [s]:
+    for s in nodes[5:] + [after]:
         s.close()
 
 
@@ -437,5 +436,3 @@ def test_churn_memory_bounded(start_ours):
     dump = request(d.port, b"d")
     assert dump.count(b"old/unused name") <= epmd.MAX_UNREG_COUNT + 1
 
-
-del struct
