@@ -3,6 +3,7 @@
 #   make test                      run the tests (creates .venv)
 #   make lint                      ruff, mypy, and vermin proving Python 3.8 is enough
 #   make man                       regenerate man/epmd.1 from man/epmd.rst
+#   make soak                      long reliability runs (1M churn cycles, 1M fuzz packets)
 #   make install [PREFIX=/usr/local] [DESTDIR=] [BINDIR=] [MANDIR=]
 #   make uninstall                 (same variables)
 
@@ -19,7 +20,7 @@ INSTALL ?= install
 
 LINT_DEPS = ruff mypy vermin
 
-.PHONY: all test lint man install uninstall clean
+.PHONY: all test lint man soak install uninstall clean
 
 all: test
 
@@ -40,6 +41,9 @@ lint: $(VENV)/.lint-stamp
 	$(VENV)/bin/ruff check epmd.py man/build.py tests
 	$(VENV)/bin/mypy epmd.py
 	$(VENV)/bin/vermin -t=3.8- --no-tips --violations --eval-annotations epmd.py man/build.py
+
+soak: $(VENV)/.stamp
+	$(VPY) tests/soak.py $(SOAK_ARGS)
 
 man: $(VENV)/.stamp
 	$(VPY) man/build.py

@@ -420,7 +420,7 @@ class Node:
     """
 
     __slots__ = ("name", "fd", "port", "nodetype", "protocol", "highvsn", "lowvsn",
-                 "extra", "cr_counter", "conn")
+                 "extra", "cr_counter", "conn", "resp")
 
     def __init__(self, name, cr_counter):
         self.name = name
@@ -433,6 +433,7 @@ class Node:
         self.lowvsn = 0
         self.extra = b""
         self.conn = None
+        self.resp = None            # its PORT2_RESP, made on the first lookup
 
     @property
     def creation(self):
@@ -451,9 +452,10 @@ class NodeTable:
     grow without bound.  *clock* returns Unix time in seconds.
     """
 
-    __slots__ = ("reg", "unreg", "max_unreg", "log", "clock")
+    __slots__ = ("reg", "unreg", "max_unreg", "log", "clock", "names")
 
     def __init__(self, log, max_unreg=MAX_UNREG_COUNT, clock=time.time):
+        self.names = None           # the NAMES_RESP lines, joined, until the next change
         self.reg = {}
         self.unreg = {}
         self.max_unreg = max_unreg
@@ -510,7 +512,9 @@ class NodeTable:
         node.highvsn = req.highvsn
         node.lowvsn = req.lowvsn
         node.extra = req.extra
+        node.resp = None
         self.reg[name] = node
+        self.names = None
         log.dbg_tty_printf(1, "registering '%s:%d', port %d", text(name), node.creation, node.port)
         if req.highvsn != 0:
             log.dbg_tty_printf(1, "type %d proto %d highvsn %d lowvsn %d",
@@ -528,7 +532,9 @@ class NodeTable:
         self.log.dbg_tty_printf(1, "unregistering '%s:%d', port %d",
                                 text(node.name), node.creation, node.port)
         del self.reg[node.name]
+        self.names = None
         node.conn = None
+        node.resp = None
         unreg = self.unreg
         unreg[node.name] = node
         if len(unreg) > self.max_unreg + 1:  # D6
@@ -580,6 +586,12 @@ class NodeTable:
     def names_lines(self):
         """Return the NAMES_REQ lines, newest registration first."""
         return [NAMES_LINE % (n.name, n.port) for n in reversed(list(self.reg.values()))]
+
+    def names_body(self):
+        """Return the NAMES_REQ lines joined (cached until the table changes)."""
+        if self.names is None:
+            self.names = b"".join(self.names_lines())
+        return self.names
 
     def dump_lines(self):
         """Return the DUMP_REQ lines: active nodes newest first, then old ones
@@ -652,16 +664,18 @@ class Connection:
         return COMPLETE if got == self.want else INCOMPLETE
 
 
-def is_local_peer(sock):
+def is_local_peer(sock, peer=None):
     """Decide once, at accept, whether the peer of *sock* is on this host.
 
+    *peer* is the address accept() returned (else getpeername() is asked).
     Local: IPv6 ``::1``; IPv4 127.0.0.0/8; or a peer address equal to the
     socket's own address, same family (the host talking to itself over a
     non-loopback address).  Anything else, or an error, is remote.
     Source: OTP epmd_srv.c, conn_local_peer_check.
     """
     try:
-        peer = sock.getpeername()
+        if not peer:
+            peer = sock.getpeername()
         family = sock.family
         if family == socket.AF_INET6:
             if peer[0] == "::1":
@@ -952,16 +966,7 @@ class Epmd:
                     if conn is None:
                         self.do_accept(key.fileobj)
                     elif self.conns.get(conn.fd) is conn:
-                        try:
-                            if mask & selectors.EVENT_WRITE and conn.out:
-                                self.do_write(conn)
-                            if mask & selectors.EVENT_READ and conn.fd in self.conns:
-                                self.do_read(conn)
-                        except EpmdExit:
-                            raise
-                        except Exception as e:  # one bad client never takes us down
-                            log.dbg_printf(0, "internal error on file descriptor %d: %r", conn.fd, e)
-                            self.drop(conn)
+                        self.handle(conn, mask)
                 if self.paused_until and time.monotonic() >= self.paused_until:
                     self.resume_accept()
                 self.check_timeouts()
@@ -969,6 +974,23 @@ class Epmd:
             return e.code
         finally:
             self.shutdown()
+
+    def handle(self, conn, mask):
+        """Write and/or read *conn* as *mask* says; then make sure a
+        connection that stays open is watched by the selector.  Any error
+        closes this connection only, and is logged."""
+        try:
+            if mask & selectors.EVENT_WRITE and conn.out:
+                self.do_write(conn)
+            if mask & selectors.EVENT_READ and self.conns.get(conn.fd) is conn:
+                self.do_read(conn)
+            if not conn.events and self.conns.get(conn.fd) is conn:
+                self.watch(conn)
+        except EpmdExit:
+            raise
+        except Exception as e:  # one bad client never takes us down
+            self.log.dbg_printf(0, "internal error on file descriptor %d: %r", conn.fd, e)
+            self.drop(conn)
 
     def check_timeouts(self):
         """Close connections that are not registered nodes once more than
@@ -1033,7 +1055,7 @@ class Epmd:
         """
         for _ in range(ACCEPT_BATCH):
             try:
-                sock, _addr = lsock.accept()
+                sock, addr = lsock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as e:
@@ -1042,8 +1064,11 @@ class Epmd:
                     self.shed_connection(lsock)
                 self.pause_accept()
                 return
-            if not self.conn_open(sock):
-                continue
+            conn = self.conn_open(sock, addr)
+            if conn is not None:
+                # Most clients have sent their request by now: answer it
+                # at once, and only watch the connection if it stays open.
+                self.handle(conn, selectors.EVENT_READ)
 
     def shed_connection(self, lsock):
         """Accept and close one waiting connection using the spare fd (D2)."""
@@ -1078,8 +1103,9 @@ class Epmd:
             except (KeyError, ValueError):
                 pass
 
-    def conn_open(self, sock):
-        """Take an accepted socket into the connection table; return True.
+    def conn_open(self, sock, peer):
+        """Take an accepted socket (*peer*: the address accept() returned)
+        into the connection table; return its Connection, or None.
 
         When the table is full the socket is closed at once ("failed
         opening connection").  D4: remote peers may not take the last
@@ -1088,21 +1114,27 @@ class Epmd:
         """
         log = self.log
         fd = sock.fileno()
-        local = is_local_peer(sock)
+        local = is_local_peer(sock, peer)
         active = len(self.conns)
         if active >= self.max_conn or (not local and active >= self.max_conn - self.local_reserve):
             log.dbg_tty_printf(0, "failed opening connection on file descriptor %d", fd)
             sock.close()
-            return False
+            return None
         sock.setblocking(False)
-        log.dbg_tty_printf(2, "Local peer connected" if local else "Non-local peer connected")
+        if log.level >= 2:
+            log.dbg_tty_printf(2, "Local peer connected" if local else "Non-local peer connected")
         conn = Connection(sock, fd, local, self.current_time())
         self.conns[fd] = conn
         self.pending[fd] = conn
-        conn.events = selectors.EVENT_READ
-        self.sel.register(sock, selectors.EVENT_READ, conn)
-        log.dbg_tty_printf(2, "opening connection on file descriptor %d", fd)
-        return True
+        if log.level >= 2:
+            log.dbg_tty_printf(2, "opening connection on file descriptor %d", fd)
+        return conn
+
+    def watch(self, conn):
+        """Register *conn* with the selector: for reading, and for writing
+        while a reply is waiting in ``conn.out``."""
+        conn.events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0)
+        self.sel.register(conn.sock, conn.events, conn)
 
     def conn_close(self, conn):
         """Close *conn* and forget it.  Source: OTP epmd_conn_close."""
@@ -1110,11 +1142,14 @@ class Epmd:
         if self.conns.pop(fd, None) is None:
             return
         self.pending.pop(fd, None)
-        self.log.dbg_tty_printf(2, "closing connection on file descriptor %d", fd)
-        try:
-            self.sel.unregister(conn.sock)
-        except (KeyError, ValueError):
-            pass
+        if self.log.level >= 2:
+            self.log.dbg_tty_printf(2, "closing connection on file descriptor %d", fd)
+        if conn.events:
+            try:
+                self.sel.unregister(conn.sock)
+            except (KeyError, ValueError):
+                pass
+            conn.events = 0
         conn.sock.close()
         conn.buf = b""
         conn.out = b""
@@ -1257,8 +1292,11 @@ class Epmd:
             log.dbg_printf(0, "%s", e)
             return
         node = self.nodes.reg.get(name)
-        kind = "ok" if node is not None else "error"
-        resp = pack_port2_resp(node) if node is not None else PORT2_RESP_ERROR
+        if node is None:
+            kind, resp = "error", PORT2_RESP_ERROR
+        else:
+            kind, resp = "ok", node.resp or pack_port2_resp(node)
+            node.resp = resp
         if self.reply(conn, (resp,)):
             log.dbg_tty_printf(1, "** sent PORT2_RESP (%s) for \"%s\"", kind, text(name))
         else:
@@ -1268,7 +1306,11 @@ class Epmd:
         """NAMES_REQ: the configured port as u32, then one line per node.
         Anyone may ask."""
         self.log.dbg_printf(1, "** got NAMES_REQ")
-        self.send_listing(conn, self.nodes.names_lines(), "NAMES_RESP")
+        if self.log.level >= 2 or self.delay_write:
+            lines = self.nodes.names_lines()      # OTP's writes, one by one
+        else:
+            lines = [self.nodes.names_body()]
+        self.send_listing(conn, lines, "NAMES_RESP")
 
     def do_dump_req(self, conn, payload):
         """DUMP_REQ: like NAMES, with the old names too; local peers only."""
@@ -1379,9 +1421,10 @@ class Epmd:
         return True
 
     def want_write(self, conn, on):
-        """Watch *conn* for writability (on) or only for reading (off)."""
+        """Watch *conn* for writability (on) or only for reading (off); a
+        connection not yet watched is left to handle(), which registers it."""
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
-        if events != conn.events:
+        if conn.events and events != conn.events:
             conn.events = events
             self.sel.modify(conn.sock, events, conn)
 

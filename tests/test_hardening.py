@@ -271,8 +271,8 @@ def test_half_packet_and_trickle_bounded(start_ours):
             closed_after = time.monotonic() - t0
             break
         time.sleep(0.3)
-    assert closed_after is not None and closed_after <= 3.5
-    assert read_to_eof(half, 2) == b""
+    assert closed_after is not None and closed_after <= 4.0
+    assert read_to_eof(half, 5) == b""
     half.close()
     trickle.close()
 
@@ -321,8 +321,8 @@ class Harness:
 
     def open(self, local):
         a, b = socket.socketpair()
-        assert self.e.conn_open(a)
-        conn = self.e.conns[a.fileno()]
+        conn = self.e.conn_open(a, None)
+        assert conn is not None
         conn.local_peer = local
         return conn, b
 

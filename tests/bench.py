@@ -1,0 +1,428 @@
+#!/usr/bin/env python3
+"""Benchmark epmd.py side by side with OTP's epmd (when installed).
+
+    python3 tests/bench.py [--reps N] [--dur SECONDS] [--only FIGURE,...]
+
+Starts each daemon fresh for every run on a free loopback port, pinned to CPU
+0 (the load generator to CPU 1 when there are two), interleaving the daemons
+run by run, and prints one table: for each figure the median over the runs
+for both daemons, their ratio, and the target.  The load generator is this
+script's own worker mode: several processes, each a selectors loop of
+non-blocking clients.  Every reply is compared with the expected bytes; a
+wrong or missing reply fails the run (exit status 1).  Daemon CPU is user +
+system time from /proc/PID/stat; memory is VmRSS from /proc/PID/status.
+Standard library only.
+
+Figures:
+  port     daemon CPU per PORT_PLEASE2 request, 32 concurrent clients, closed loop
+  fixed    daemon CPU at a paced 5,000 PORT_PLEASE2 requests/s
+  lat      single-client PORT_PLEASE2 round trip, median
+  names    NAMES requests/s with 100 nodes registered (achieved, and per
+           second of daemon CPU)
+  capacity registrations held at RLIMIT_NOFILE 20,000
+  memory   daemon RSS growth per registered node, at 10,000 nodes
+  startup  process start to accepting connections, median
+"""
+
+import argparse
+import json
+import os
+import resource
+import selectors
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+U16 = struct.Struct(">H")
+U32 = struct.Struct(">I")
+NODE_PORT = 4242
+
+
+def alive2(name, port=NODE_PORT):
+    name = name.encode()
+    return struct.pack(">BHBBHHH", 120, port, 77, 0, 6, 5, len(name)) + name + U16.pack(0)
+
+
+def frame(payload):
+    return U16.pack(len(payload)) + payload
+
+
+def port2_reply(name, port=NODE_PORT):
+    name = name.encode()
+    return b"w\x00" + struct.pack(">HBBHHH", port, 77, 0, 6, 5, len(name)) + name + U16.pack(0)
+
+
+# -- the load generator (worker processes) ---------------------------------------
+
+def worker(spec):
+    """Run one load-generating process; return its counts and latencies.
+
+    spec: port, request (framed, hex), expected reply (hex), conc (clients),
+    start_at and stop_at (time.time()), rate (requests/s, 0 = closed loop),
+    lat (record latencies).
+    """
+    port, req, expected = spec["port"], bytes.fromhex(spec["request"]), bytes.fromhex(spec["expected"])
+    conc, rate = spec["conc"], spec["rate"]
+    sel = selectors.DefaultSelector()
+    ok = errors = 0
+    lats = []
+    active = {}
+    while time.time() < spec["start_at"]:
+        time.sleep(0.001)
+    t_end = spec["stop_at"]
+    next_start = time.monotonic()
+    interval = 1.0 / rate if rate else 0.0
+    addr = ("127.0.0.1", port)
+
+    def launch():
+        s = socket.socket()
+        t0 = time.perf_counter()
+        try:
+            s.connect(addr)
+            s.sendall(req)
+        except OSError:
+            s.close()
+            return False
+        s.setblocking(False)
+        active[s] = [t0, []]
+        sel.register(s, selectors.EVENT_READ)
+        return True
+
+    while True:
+        now_wall = time.time()
+        if now_wall >= t_end and not active:
+            break
+        if now_wall < t_end:
+            if rate:
+                now = time.monotonic()
+                while next_start <= now and len(active) < conc:
+                    if not launch():
+                        errors += 1
+                    next_start += interval
+            else:
+                while len(active) < conc:
+                    if not launch():
+                        errors += 1
+                        break
+        timeout = 0.05
+        if rate and now_wall < t_end:
+            timeout = max(0.0, min(timeout, next_start - time.monotonic()))
+        for key, _ in sel.select(timeout):
+            s = key.fileobj
+            try:
+                data = s.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            if data:
+                active[s][1].append(data)
+                continue
+            t0, chunks = active.pop(s)
+            sel.unregister(s)
+            s.close()
+            if b"".join(chunks) == expected:
+                ok += 1
+                if spec["lat"]:
+                    lats.append(time.perf_counter() - t0)
+            else:
+                errors += 1
+        if time.time() > t_end + 10:
+            errors += len(active)
+            break
+    return {"ok": ok, "errors": errors, "lats": lats}
+
+
+# -- daemons ------------------------------------------------------------------------
+
+def otp_epmd():
+    from helpers import OTP_EPMD
+    return OTP_EPMD
+
+
+def pin(cpu):
+    def preexec():
+        try:
+            if hasattr(os, "sched_setaffinity") and os.cpu_count() and os.cpu_count() > 1:
+                os.sched_setaffinity(0, {cpu})
+        except OSError:
+            pass
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return preexec
+
+
+class Daemon:
+    def __init__(self, impl):
+        from helpers import free_port
+        self.impl = impl
+        self.port = free_port()
+        exe = [sys.executable, str(ROOT / "epmd.py")] if impl == "py" else [otp_epmd()]
+        self.argv = exe + ["-port", str(self.port), "-address", "127.0.0.1"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ERL_EPMD")}
+        self.t_spawn = time.perf_counter()
+        self.proc = subprocess.Popen(self.argv, env=env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     preexec_fn=pin(0), close_fds=True)
+        self.ready_after = self.wait_ready()
+
+    def wait_ready(self):
+        deadline = time.perf_counter() + 10
+        while time.perf_counter() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(frame(b"n"))
+                    if s.recv(4) == U32.pack(self.port):
+                        return time.perf_counter() - self.t_spawn
+            except OSError:
+                time.sleep(0.0005)
+        raise RuntimeError("%s did not start" % self.impl)
+
+    def cpu(self):
+        with open("/proc/%d/stat" % self.proc.pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_kb(self):
+        with open("/proc/%d/status" % self.proc.pid) as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return 0
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(3)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(3)
+
+
+class RunError(Exception):
+    pass
+
+
+def register(port, name):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(frame(alive2(name)))
+    reply = s.recv(6)
+    if reply[:2] != b"v\x00":
+        s.close()
+        raise RunError("registration of %s failed: %r" % (name, reply))
+    return s
+
+
+def load(d, request, expected, conc, dur, rate=0, workers=2, lat=False):
+    """Run the workers against daemon *d*; return (ok, seconds, daemon cpu s, lats)."""
+    start_at = time.time() + 0.3
+    spec = {"port": d.port, "request": request.hex(), "expected": expected.hex(), "rate": rate,
+            "start_at": start_at, "stop_at": start_at + dur, "lat": lat}
+    procs = []
+    for i in range(workers):
+        w = dict(spec, conc=max(1, conc // workers) + (1 if i < conc % workers else 0),
+                 rate=rate / workers if rate else 0)
+        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(w)],
+                                      stdout=subprocess.PIPE, preexec_fn=pin(1)))
+    while time.time() < start_at:
+        time.sleep(0.001)
+    cpu0 = d.cpu()
+    time.sleep(dur)
+    cpu1 = d.cpu()
+    results = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
+    ok = sum(r["ok"] for r in results)
+    errors = sum(r["errors"] for r in results)
+    if errors:
+        raise RunError("%d wrong or failed replies from %s" % (errors, d.impl))
+    lats = [x for r in results for x in r["lats"]]
+    return ok, dur, cpu1 - cpu0, lats
+
+
+# -- figures --------------------------------------------------------------------------
+
+def fig_port(impl, a):
+    d = Daemon(impl)
+    try:
+        node = register(d.port, "bench")
+        ok, dur, cpu, _ = load(d, frame(b"zbench"), port2_reply("bench"), 32, a.dur)
+        node.close()
+        return {"port_us": cpu / ok * 1e6, "port_rate": ok / dur}
+    finally:
+        d.stop()
+
+
+def fig_fixed(impl, a):
+    d = Daemon(impl)
+    try:
+        node = register(d.port, "bench")
+        ok, dur, cpu, _ = load(d, frame(b"zbench"), port2_reply("bench"), 32, a.dur, rate=5000)
+        node.close()
+        if ok < 0.95 * 5000 * dur:
+            raise RunError("%s served %d of %d paced requests" % (impl, ok, 5000 * dur))
+        return {"fixed_cpu": cpu / dur * 100}
+    finally:
+        d.stop()
+
+
+def fig_lat(impl, a):
+    d = Daemon(impl)
+    try:
+        node = register(d.port, "bench")
+        ok, dur, cpu, lats = load(d, frame(b"zbench"), port2_reply("bench"), 1, min(a.dur, 3),
+                                  workers=1, lat=True)
+        node.close()
+        return {"lat_us": statistics.median(lats) * 1e6}
+    finally:
+        d.stop()
+
+
+def fig_names(impl, a):
+    d = Daemon(impl)
+    try:
+        nodes = [register(d.port, "node%03d" % i) for i in range(100)]
+        expected = U32.pack(d.port) + b"".join(b"name node%03d at port %d\n" % (i, NODE_PORT)
+                                               for i in reversed(range(100)))
+        ok, dur, cpu, _ = load(d, frame(b"n"), expected, 32, a.dur)
+        for s in nodes:
+            s.close()
+        return {"names_rate": ok / dur, "names_cpu_rate": ok / cpu if cpu else float("inf")}
+    finally:
+        d.stop()
+
+
+def fig_capacity(impl, a):
+    """Registrations held with the daemon's RLIMIT_NOFILE at 20,000 (or the
+    hard limit if lower), and RSS growth per node at 10,000."""
+    d = Daemon(impl)
+    socks = []
+    out = {}
+    try:
+        rss0 = d.rss_kb()
+        limit = min(resource.getrlimit(resource.RLIMIT_NOFILE)[1], 20000) - 60
+        for i in range(limit):
+            try:
+                s = register(d.port, "cap%05d" % i)
+            except (OSError, RunError):
+                break
+            socks.append(s)
+            if len(socks) == 10000:
+                time.sleep(0.2)
+                out["mem_kb"] = (d.rss_kb() - rss0) / 10000
+        out["capacity"] = len(socks)
+        if len(socks) < 10000:
+            out["mem_kb"] = float("nan")
+        return out
+    finally:
+        for s in socks:
+            s.close()
+        d.stop()
+
+
+def fig_startup(impl, a):
+    times = []
+    for _ in range(10):
+        d = Daemon(impl)
+        times.append(d.ready_after)
+        d.stop()
+    return {"startup_ms": statistics.median(times) * 1000}
+
+
+FIGURES = {
+    "port": fig_port, "fixed": fig_fixed, "lat": fig_lat, "names": fig_names,
+    "capacity": fig_capacity, "startup": fig_startup,
+}
+
+# key, label, target ratio (epmd.py / OTP), sense ("le" or "ge"), or an absolute target
+ROWS = [
+    ("port_us", "daemon CPU us per PORT_PLEASE2 (32 clients, closed loop)", ("le", 1.0)),
+    ("port_rate", "  PORT_PLEASE2 req/s achieved (closed loop)", None),
+    ("fixed_cpu", "daemon CPU % at 5,000 PORT_PLEASE2 req/s (paced)", ("le", 1.5)),
+    ("lat_us", "single-client PORT_PLEASE2 round trip us, median", ("le", 1.2)),
+    ("names_cpu_rate", "NAMES req per daemon CPU-second, 100 nodes", ("ge", 5.0)),
+    ("names_rate", "  NAMES req/s achieved (closed loop, 32 clients)", None),
+    ("capacity", "registrations held at RLIMIT_NOFILE 20,000", ("abs_ge", 19000)),
+    ("mem_kb", "daemon RSS kB per registered node (10,000 nodes)", ("abs_le", 1.0)),
+    ("startup_ms", "start-up ms, process start to serving, median", ("abs_le", 60.0)),
+]
+
+
+def fmt(v):
+    if v is None or v != v:
+        return "-"
+    return "%.0f" % v if abs(v) >= 100 else "%.2f" % v
+
+
+def main(argv):
+    if argv[:1] == ["--worker"]:
+        print(json.dumps(worker(json.loads(argv[1]))))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--dur", type=float, default=5.0)
+    ap.add_argument("--only", default=",".join(FIGURES))
+    a = ap.parse_args(argv)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    impls = ["py"] + (["otp"] if otp_epmd() else [])
+    results = {impl: {} for impl in impls}
+    failed = False
+    for name in a.only.split(","):
+        fig = FIGURES[name]
+        reps = 1 if name in ("capacity", "startup") else a.reps
+        for rep in range(reps):
+            order = impls if rep % 2 == 0 else impls[::-1]
+            for impl in order:
+                try:
+                    r = fig(impl, a)
+                except RunError as e:
+                    print("!! %s %s rep %d: %s" % (name, impl, rep + 1, e), file=sys.stderr)
+                    failed = True
+                    continue
+                for k, v in r.items():
+                    results[impl].setdefault(k, []).append(v)
+                print("   %-8s %-4s rep %d: %s" % (name, impl, rep + 1,
+                                                   " ".join("%s=%s" % (k, fmt(v)) for k, v in r.items())),
+                      file=sys.stderr, flush=True)
+    print()
+    print("# %s, %d cpus, Python %s; medians of %d runs (capacity and start-up: one run, start-up: "
+          "median of 10 starts)" % (time.strftime("%Y-%m-%d %H:%M"), os.cpu_count(),
+                                    sys.version.split()[0], a.reps))
+    print("%-60s %12s %12s %8s  %s" % ("figure", "epmd.py", "OTP epmd", "ratio", "target"))
+    all_met = True
+    for key, label, target in ROWS:
+        py = statistics.median(results["py"][key]) if results["py"].get(key) else None
+        otp = (statistics.median(results["otp"][key])
+               if "otp" in results and results["otp"].get(key) else None)
+        ratio = py / otp if py is not None and otp else None
+        tgt, met = "", None
+        if target:
+            sense, value = target
+            if sense == "le" and ratio is not None:
+                tgt, met = "ratio <= %g" % value, ratio <= value
+            elif sense == "ge" and ratio is not None:
+                tgt, met = "ratio >= %g" % value, ratio >= value
+            elif sense == "abs_ge" and py is not None:
+                tgt, met = ">= %g" % value, py >= value
+            elif sense == "abs_le" and py is not None:
+                tgt, met = "<= %g" % value, py <= value
+        if met is False:
+            all_met = False
+        print("%-60s %12s %12s %8s  %s%s" % (label, fmt(py), fmt(otp), fmt(ratio), tgt,
+                                             "" if met is None else ("  met" if met else "  MISSED")))
+    if failed:
+        print("!! some runs failed (wrong or missing replies)")
+        return 1
+    print("all targets met" if all_met else "some targets missed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
