@@ -137,6 +137,10 @@ FD_RESERVE = 16                     # descriptors kept back from connections
 LOCAL_RESERVE = 64                  # D4: connection slots only local peers get
                                     # (at most half of the table)
 ACCEPT_PAUSE = 0.1                  # seconds listeners rest after EMFILE (D2)
+# Accepted sockets stay in blocking mode; every recv and send on them says
+# MSG_DONTWAIT instead, which spares a system call per connection.
+DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+MORE = getattr(socket, "MSG_MORE", 0)
 
 # struct formats of the fixed parts of packets.
 U16 = struct.Struct(">H")
@@ -235,19 +239,27 @@ class DebugLog:
         except (OSError, ValueError):
             pass
 
+    @staticmethod
+    def format(fmt, args):
+        """``fmt % args``, with bytes arguments (names from the wire) shown
+        as the raw bytes they are (see text())."""
+        if not args:
+            return fmt
+        return fmt % tuple(text(a) if isinstance(a, bytes) else a for a in args)
+
     def dbg_printf(self, level, fmt, *args):
         """Log at *level*: stderr in the foreground, syslog as a daemon."""
         if self.level >= level:
-            self._emit(fmt % args if args else fmt, True)
+            self._emit(self.format(fmt, args), True)
 
     def dbg_tty_printf(self, level, fmt, *args):
         """Log at *level* on stderr only (dropped in daemon mode)."""
         if self.level >= level:
-            self._emit(fmt % args if args else fmt, False)
+            self._emit(self.format(fmt, args), False)
 
     def dbg_perror(self, err, fmt, *args):
         """Log always, with ``: <strerror>`` of OSError *err* appended."""
-        msg = fmt % args if args else fmt
+        msg = self.format(fmt, args)
         reason = err.strerror or str(err) if isinstance(err, OSError) else str(err)
         self._emit("%s: %s" % (msg, reason), True)
 
@@ -479,24 +491,24 @@ class NodeTable:
         nlen = len(name)
         nchars = verify_utf8(name) if nlen <= MAXSYMLEN else 0
         if nlen > MAXSYMLEN or nchars > MAX_NAME_CHARS:
-            log.dbg_printf(0, "node name is too long (%d) %s", nlen, text(name))
+            log.dbg_printf(0, "node name is too long (%d) %s", nlen, name)
             return None
         if nchars < 0:
             log.dbg_printf(0, "invalid node name encoding")
             return None
         if len(req.extra) > MAXSYMLEN:
             log.dbg_printf(0, "extra data is too long (%d) %s", len(req.extra),
-                           text(req.extra.split(b"\0", 1)[0]))
+                           req.extra.split(b"\0", 1)[0])
             return None
         if nlen == 0:  # D10: OTP registers "" and can never find it again
             log.dbg_printf(0, "node name is empty in ALIVE2_REQ")
             return None
         if name in self.reg:
-            log.dbg_printf(0, "node name already occupied %s", text(name))
+            log.dbg_printf(0, "node name already occupied %s", name)
             return None
         node = self.unreg.pop(name, None)
         if node is not None:
-            log.dbg_tty_printf(1, "reusing slot with same name '%s'", text(name))
+            log.dbg_tty_printf(1, "reusing slot with same name '%s'", name)
             node.cr_counter = bump_creation(node.cr_counter)
         elif len(self.unreg) > self.max_unreg:
             oldest = next(iter(self.unreg))
@@ -515,7 +527,7 @@ class NodeTable:
         node.resp = None
         self.reg[name] = node
         self.names = None
-        log.dbg_tty_printf(1, "registering '%s:%d', port %d", text(name), node.creation, node.port)
+        log.dbg_tty_printf(1, "registering '%s:%d', port %d", name, node.creation, node.port)
         if req.highvsn != 0:
             log.dbg_tty_printf(1, "type %d proto %d highvsn %d lowvsn %d",
                                req.nodetype, req.protocol, req.highvsn, req.lowvsn)
@@ -530,7 +542,7 @@ class NodeTable:
 
     def _unreg(self, node):
         self.log.dbg_tty_printf(1, "unregistering '%s:%d', port %d",
-                                text(node.name), node.creation, node.port)
+                                node.name, node.creation, node.port)
         del self.reg[node.name]
         self.names = None
         node.conn = None
@@ -548,7 +560,7 @@ class NodeTable:
         """
         node = self.reg.get(name)
         if node is None:
-            self.log.dbg_tty_printf(1, "trying to unregister node with unknown name %s", text(name))
+            self.log.dbg_tty_printf(1, "trying to unregister node with unknown name %s", name)
             return None
         self._unreg(node)
         return node
@@ -619,11 +631,12 @@ class Connection:
     every read, D13), ``keep`` is true once an ALIVE2_REQ succeeded: the
     connection then lives as long as the node, with no packet time-out.
     ``out`` holds reply bytes the socket could not take yet; ``close_after``
-    says the connection closes once they are written.
+    says the connection closes once they are written.  ``one_read`` is true
+    when the request arrived in one read, so nothing unread can be waiting.
     """
 
     __slots__ = ("sock", "fd", "local_peer", "keep", "want", "buf", "mod_time", "node",
-                 "out", "close_after", "events")
+                 "out", "close_after", "events", "one_read")
 
     def __init__(self, sock, fd, local_peer, now):
         self.sock = sock
@@ -637,6 +650,7 @@ class Connection:
         self.out = b""
         self.close_after = False
         self.events = 0
+        self.one_read = False       # the whole request came in one read
 
     @property
     def got(self):
@@ -664,10 +678,26 @@ class Connection:
         return COMPLETE if got == self.want else INCOMPLETE
 
 
-def is_local_peer(sock, peer=None):
+def accept(lsock, family):
+    """Accept a connection on *lsock*; return (socket, peer address).
+
+    The same as ``lsock.accept()`` without its conversions of family and
+    type to enums, which cost more than the rest of the accept in CPU: it
+    uses the socket module's own ``_accept`` (there since Python 3.3) when
+    present.  *family* is the listening socket's family as an int.
+    """
+    raw = getattr(lsock, "_accept", None)
+    if raw is None:
+        return lsock.accept()
+    fd, peer = raw()
+    return socket.socket(family, socket.SOCK_STREAM, 0, fd), peer
+
+
+def is_local_peer(sock, peer=None, family=None):
     """Decide once, at accept, whether the peer of *sock* is on this host.
 
-    *peer* is the address accept() returned (else getpeername() is asked).
+    *peer* is the address accept() returned (else getpeername() is asked),
+    *family* the socket's address family (else the socket is asked).
     Local: IPv6 ``::1``; IPv4 127.0.0.0/8; or a peer address equal to the
     socket's own address, same family (the host talking to itself over a
     non-loopback address).  Anything else, or an error, is remote.
@@ -676,7 +706,8 @@ def is_local_peer(sock, peer=None):
     try:
         if not peer:
             peer = sock.getpeername()
-        family = sock.family
+        if family is None:
+            family = sock.family
         if family == socket.AF_INET6:
             if peer[0] == "::1":
                 return True
@@ -1053,9 +1084,10 @@ class Epmd:
         rest for ACCEPT_PAUSE seconds so the loop does not spin.
         Source: OTP epmd_srv.c, do_accept.
         """
+        family = lsock.family.value
         for _ in range(ACCEPT_BATCH):
             try:
-                sock, addr = lsock.accept()
+                sock, addr = accept(lsock, family)
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as e:
@@ -1064,7 +1096,7 @@ class Epmd:
                     self.shed_connection(lsock)
                 self.pause_accept()
                 return
-            conn = self.conn_open(sock, addr)
+            conn = self.conn_open(sock, addr, family)
             if conn is not None:
                 # Most clients have sent their request by now: answer it
                 # at once, and only watch the connection if it stays open.
@@ -1103,9 +1135,10 @@ class Epmd:
             except (KeyError, ValueError):
                 pass
 
-    def conn_open(self, sock, peer):
-        """Take an accepted socket (*peer*: the address accept() returned)
-        into the connection table; return its Connection, or None.
+    def conn_open(self, sock, peer, family):
+        """Take an accepted socket (*peer*: the address accept() returned,
+        *family*: its address family) into the connection table; return its
+        Connection, or None.
 
         When the table is full the socket is closed at once ("failed
         opening connection").  D4: remote peers may not take the last
@@ -1114,13 +1147,12 @@ class Epmd:
         """
         log = self.log
         fd = sock.fileno()
-        local = is_local_peer(sock, peer)
+        local = is_local_peer(sock, peer, family)
         active = len(self.conns)
         if active >= self.max_conn or (not local and active >= self.max_conn - self.local_reserve):
             log.dbg_tty_printf(0, "failed opening connection on file descriptor %d", fd)
             sock.close()
             return None
-        sock.setblocking(False)
         if log.level >= 2:
             log.dbg_tty_printf(2, "Local peer connected" if local else "Non-local peer connected")
         conn = Connection(sock, fd, local, self.current_time())
@@ -1175,7 +1207,7 @@ class Epmd:
         log = self.log
         if conn.keep:
             try:
-                data = conn.sock.recv(INBUF_SIZE)
+                data = conn.sock.recv(INBUF_SIZE, DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -1190,7 +1222,7 @@ class Epmd:
             self.conn_close(conn)
             return
         try:
-            data = conn.sock.recv(conn.read_size())
+            data = conn.sock.recv(conn.read_size(), DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
@@ -1213,6 +1245,7 @@ class Epmd:
             self.conn_close(conn)
             return
         if status == COMPLETE:
+            conn.one_read = len(data) == conn.want
             # D13: the time-out runs from the accept, not from the last read
             # as in OTP, so a trickle cannot hold a slot; the reply gets a
             # packet_timeout of its own.
@@ -1271,12 +1304,13 @@ class Epmd:
         else:
             resp = pack_alive2_resp(RESULT_OK, node.creation, req.highvsn)
             conn.node = node
-        if not self.reply(conn, (resp,)):
+        sent = self.reply(conn, (resp,))
+        log.dbg_tty_printf(1, "** %s ALIVE2_RESP for \"%s\"",
+                           "sent" if sent else "failed to send", req.name)
+        if not sent:
             if node is not None:
                 self.nodes.node_unreg_conn(conn)  # D1: never another connection's node
-            log.dbg_tty_printf(1, "** failed to send ALIVE2_RESP for \"%s\"", text(req.name))
             return
-        log.dbg_tty_printf(1, "** sent ALIVE2_RESP for \"%s\"", text(req.name))
         if node is not None:
             conn.keep = True
             self.pending.pop(conn.fd, None)
@@ -1297,10 +1331,9 @@ class Epmd:
         else:
             kind, resp = "ok", node.resp or pack_port2_resp(node)
             node.resp = resp
-        if self.reply(conn, (resp,)):
-            log.dbg_tty_printf(1, "** sent PORT2_RESP (%s) for \"%s\"", kind, text(name))
-        else:
-            log.dbg_tty_printf(1, "** failed to send PORT2_RESP (%s) for \"%s\"", kind, text(name))
+        sent = self.reply(conn, (resp,))
+        log.dbg_tty_printf(1, "** %s PORT2_RESP (%s) for \"%s\"",
+                           "sent" if sent else "failed to send", kind, name)
 
     def do_names_req(self, conn, payload):
         """NAMES_REQ: the configured port as u32, then one line per node.
@@ -1408,8 +1441,15 @@ class Epmd:
         if conn.out:
             conn.out += data
             return True
+        flags = DONTWAIT
+        if conn.one_read and not conn.keep and conn.node is None:
+            # The connection is closed right after this reply: let the FIN
+            # ride in the same segment.  Only when the request came in one
+            # read, as unread input turns the close into an RST that would
+            # drop data still held back.
+            flags |= MORE
         try:
-            sent = conn.sock.send(data)
+            sent = conn.sock.send(data, flags)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as e:
@@ -1432,7 +1472,7 @@ class Epmd:
         """Write more of ``conn.out``; close the connection when all is sent
         and no more requests belong on it."""
         try:
-            sent = conn.sock.send(conn.out)
+            sent = conn.sock.send(conn.out, DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
@@ -1452,7 +1492,7 @@ class Epmd:
         deadline = time.monotonic() + timeout
         while conn.out and time.monotonic() < deadline:
             try:
-                sent = conn.sock.send(conn.out)
+                sent = conn.sock.send(conn.out, DONTWAIT)
                 conn.out = conn.out[sent:]
             except (BlockingIOError, InterruptedError):
                 time.sleep(0.01)

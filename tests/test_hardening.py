@@ -321,7 +321,7 @@ class Harness:
 
     def open(self, local):
         a, b = socket.socketpair()
-        conn = self.e.conn_open(a, None)
+        conn = self.e.conn_open(a, None, None)
         assert conn is not None
         conn.local_peer = local
         return conn, b
