@@ -30,8 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import base_env  # noqa: E402
 from helpers import (OTP_EPMD, Daemon, NetNS, alive2, connect, frame, free_port,  # noqa: E402
-                     proc_fds, proc_rss_kb, read_to_eof, register, registered, request,
-                     wait_until)
+                     proc_fds, proc_rss_kb, read_to_eof, register, registered, wait_until)
 from test_hardening import VALID, mutate  # noqa: E402
 
 TMP = Path(tempfile.mkdtemp(prefix="epmd-soak-"))
