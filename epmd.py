@@ -132,7 +132,6 @@ HEXDUMP_ROW = 16                    # bytes per hexdump row
 CLIENT_MAX_STOP_NAME = 1000         # bytes: longest name `epmd -stop` sends
 CLIENT_READ_SIZE = INBUF_SIZE       # bytes per read in the client
 SYSTEMD_FIRST_FD = 3                # SD_LISTEN_FDS_START
-ACCEPT_BATCH = 64                   # accepts per wake-up of one listening socket
 FD_RESERVE = 16                     # descriptors kept back from connections
 LOCAL_RESERVE = 64                  # D4: connection slots only local peers get
                                     # (at most half of the table)
@@ -681,16 +680,18 @@ class Connection:
 def accept(lsock, family):
     """Accept a connection on *lsock*; return (socket, peer address).
 
-    The same as ``lsock.accept()`` without its conversions of family and
-    type to enums, which cost more than the rest of the accept in CPU: it
-    uses the socket module's own ``_accept`` (there since Python 3.3) when
-    present.  *family* is the listening socket's family as an int.
+    The same as ``lsock.accept()``, minus what costs more CPU than the rest
+    of the accept: the conversions of family and type to enums, and the
+    Python-level socket class.  It takes the socket module's own
+    ``_accept`` (there since Python 3.3) when present, and makes the plain
+    C socket type (``socket.SocketType``), whose recv, send and close need
+    no Python frames.  *family* is the listening socket's family as an int.
     """
     raw = getattr(lsock, "_accept", None)
     if raw is None:
         return lsock.accept()
     fd, peer = raw()
-    return socket.socket(family, socket.SOCK_STREAM, 0, fd), peer
+    return socket.SocketType(family, socket.SOCK_STREAM, 0, fd), peer
 
 
 def is_local_peer(sock, peer=None, family=None):
@@ -912,6 +913,7 @@ class Epmd:
         self.conns = {}             # fd -> Connection
         self.pending = {}           # fd -> Connection not yet kept (time-outs apply)
         self.listeners = []
+        self.families = {}          # listening fd -> its address family
         self.sel = None
         self.max_conn = 0
         self.local_reserve = 0
@@ -959,8 +961,10 @@ class Epmd:
     #
     # run() waits on the selector for at most IDLE_TIMEOUT seconds (1 second
     # when packet_timeout < IDLE_TIMEOUT).  Each wake-up has three phases:
-    #   1. accept: a readable listening socket is accepted from, up to
-    #      ACCEPT_BATCH connections, each opened by conn_open;
+    #   1. accept: a readable listening socket gets one accept (do_accept),
+    #      the connection is opened by conn_open and, since its request has
+    #      usually arrived already, read and answered at once; only a
+    #      connection that stays open is registered with the selector;
     #   2. read/write: each ready connection is read by do_read (or written
     #      by do_write when a reply is waiting), which frames the packet and
     #      calls do_request when it is complete;
@@ -979,6 +983,7 @@ class Epmd:
         self.sel = sel = selectors.DefaultSelector()
         for ls in self.listeners:
             sel.register(ls, selectors.EVENT_READ, None)
+            self.families[ls.fileno()] = int(ls.family)
         self.open_spare()
         if self.systemd:
             sd_notify(SD_READY % os.getpid())
@@ -995,7 +1000,7 @@ class Epmd:
                 for key, mask in events:
                     conn = key.data
                     if conn is None:
-                        self.do_accept(key.fileobj)
+                        self.do_accept(key.fileobj, self.families[key.fd])
                     elif self.conns.get(conn.fd) is conn:
                         self.handle(conn, mask)
                 if self.paused_until and time.monotonic() >= self.paused_until:
@@ -1075,32 +1080,33 @@ class Epmd:
             except OSError:
                 self.spare_fd = -1
 
-    def do_accept(self, lsock):
-        """Accept up to ACCEPT_BATCH connections from *lsock*.
+    def do_accept(self, lsock, family):
+        """Accept one connection from *lsock* (of address *family*) and, as
+        most clients have sent their request by then, answer it at once; the
+        connection is only watched by the selector if it stays open.
 
-        EAGAIN, ECONNABORTED and EINTR end the batch.  D2: EMFILE/ENFILE do
-        not stop the daemon (OTP exits 1): the spare descriptor is freed to
-        accept and close the oldest waiting connection, and the listeners
-        rest for ACCEPT_PAUSE seconds so the loop does not spin.
+        One accept per wake-up, as OTP's loop does: the selector reports the
+        listener again at once while connections wait, which costs less than
+        the failing accept() that ends a batch.  EAGAIN, ECONNABORTED and
+        EINTR are ignored.  D2: EMFILE/ENFILE do not stop the daemon (OTP
+        exits 1): the spare descriptor is freed to accept and close the
+        oldest waiting connection, and the listeners rest for ACCEPT_PAUSE
+        seconds so the loop does not spin.
         Source: OTP epmd_srv.c, do_accept.
         """
-        family = lsock.family.value
-        for _ in range(ACCEPT_BATCH):
-            try:
-                sock, addr = accept(lsock, family)
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                return
-            except OSError as e:
-                self.log.dbg_perror(e, "error in accept")
-                if e.errno in (errno.EMFILE, errno.ENFILE):
-                    self.shed_connection(lsock)
-                self.pause_accept()
-                return
-            conn = self.conn_open(sock, addr, family)
-            if conn is not None:
-                # Most clients have sent their request by now: answer it
-                # at once, and only watch the connection if it stays open.
-                self.handle(conn, selectors.EVENT_READ)
+        try:
+            sock, addr = accept(lsock, family)
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as e:
+            self.log.dbg_perror(e, "error in accept")
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                self.shed_connection(lsock)
+            self.pause_accept()
+            return
+        conn = self.conn_open(sock, addr, family)
+        if conn is not None:
+            self.handle(conn, selectors.EVENT_READ)
 
     def shed_connection(self, lsock):
         """Accept and close one waiting connection using the spare fd (D2)."""
