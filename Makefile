@@ -4,6 +4,7 @@
 #   make lint                      ruff, mypy, and vermin proving Python 3.8 is enough
 #   make man                       regenerate man/epmd.1 from man/epmd.rst
 #   make soak                      long reliability runs (1M churn cycles, 1M fuzz packets)
+#   make bench                     performance figures, side by side with OTP's epmd
 #   make install [PREFIX=/usr/local] [DESTDIR=] [BINDIR=] [MANDIR=]
 #   make uninstall                 (same variables)
 
@@ -20,7 +21,7 @@ INSTALL ?= install
 
 LINT_DEPS = ruff mypy vermin
 
-.PHONY: all test lint man soak install uninstall clean
+.PHONY: all test lint man soak bench install uninstall clean
 
 all: test
 
@@ -41,6 +42,9 @@ lint: $(VENV)/.lint-stamp
 	$(VENV)/bin/ruff check epmd.py man/build.py tests
 	$(VENV)/bin/mypy epmd.py
 	$(VENV)/bin/vermin -t=3.8- --no-tips --violations --eval-annotations epmd.py man/build.py
+
+bench:
+	$(PYTHON) tests/bench.py $(BENCH_ARGS)
 
 soak: $(VENV)/.stamp
 	$(VPY) tests/soak.py $(SOAK_ARGS)

@@ -46,12 +46,15 @@ Sections, in the order of epmd_srv.c:
     node table                 Node, NodeTable (node_reg2, node_unreg,
                                node_unreg_conn, print_names), bump_creation,
                                get_creation
-    connections                Connection (the want/got framing), is_local_peer
+    connections                Connection (the want/got framing), accept,
+                               is_local_peer
     listening sockets          parse_addresses, open_listen_sockets,
                                systemd_listen_sockets, sd_notify
-    server                     Epmd: run, do_accept, conn_open, conn_close,
-                               do_read, do_request and one method per request,
-                               reply
+    server                     Epmd: run (the loop), handle, check_timeouts,
+                               do_accept (with shed_connection, pause_accept
+                               for EMFILE), conn_open, conn_close, do_read,
+                               do_request and one do_*_req method per request,
+                               reply, do_write
     client commands            epmd_call (-names, -dump, -started),
                                kill_epmd (-kill), stop_cli (-stop)
     command line               usage, parse_args, run_daemon, main
@@ -67,8 +70,8 @@ Debug levels (-d given N times), as OTP's epmd:
 In the foreground every line goes to stderr as ``epmd: <ctime>: <msg>\\r\\n``;
 with -daemon, level-gated messages go to syslog and the hexdumps are dropped.
 
-Where this file deliberately differs from OTP's daemon (D1-D12 in the project
-reference), the code says so with a "D<n>" comment.
+Where this file deliberately differs from OTP's daemon (D1-D13, listed in
+README.md and epmd(1)), the code says so with a "D<n>" comment.
 """
 
 import errno
@@ -1600,8 +1603,8 @@ def epmd_call(port, what, silent=False):
                 _out(data)
 
 
-def _answer(data, expected_len):
-    """Print OTP's message for a short or failed answer; return 1."""
+def _answer(data):
+    """Print OTP's message for a short (b"") or failed (None) answer; return 1."""
     if data is None:
         _out(b"epmd: failed to read answer from local epmd\n")
     else:
@@ -1621,7 +1624,7 @@ def kill_epmd(port):
             return 1
         data = read_fill(sock, len(KILL_OK))
         if not data:
-            return _answer(data, len(KILL_OK))
+            return _answer(data)
         if data == KILL_OK:
             _out(b"Killed\n")
             return 0
@@ -1644,7 +1647,7 @@ def stop_cli(port, name):
             return 1
         data = read_fill(sock, len(STOP_OK))
         if not data:
-            return _answer(data, len(STOP_OK))
+            return _answer(data)
         _out(data + b"\n")
         return 0
 

@@ -25,8 +25,10 @@ Figures:
 """
 
 import argparse
+import glob
 import json
 import os
+import random
 import resource
 import selectors
 import socket
@@ -39,7 +41,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
 
 U16 = struct.Struct(">H")
 U32 = struct.Struct(">I")
@@ -144,8 +145,28 @@ def worker(spec):
 # -- daemons ------------------------------------------------------------------------
 
 def otp_epmd():
-    from helpers import OTP_EPMD
-    return OTP_EPMD
+    """OTP's epmd binary ($EPMD_BENCH_OTP, or the erts one), or None."""
+    env = os.environ.get("EPMD_BENCH_OTP")
+    if env:
+        return env
+    for cand in sorted(glob.glob("/usr/lib/erlang/erts-*/bin/epmd")):
+        if os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def free_port():
+    """A TCP port free on 127.0.0.1 and ::1, below the ephemeral range."""
+    for _ in range(500):
+        port = random.randint(20000, 32000)
+        try:
+            for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+                with socket.socket(family) as s:
+                    s.bind((host, port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port")
 
 
 def pin(cpu):
@@ -162,7 +183,6 @@ def pin(cpu):
 
 class Daemon:
     def __init__(self, impl):
-        from helpers import free_port
         self.impl = impl
         self.port = free_port()
         exe = [sys.executable, str(ROOT / "epmd.py")] if impl == "py" else [otp_epmd()]
