@@ -1854,6 +1854,9 @@ def serve(epmd, ready=None):
         return e.code
     if ready:
         ready(0, "")
+    # A peer that goes away before its reply must not kill us (OTP's run()
+    # ignores SIGPIPE too); SIGTERM and SIGINT end the loop cleanly, exit 0.
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
     code = 0

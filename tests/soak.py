@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import base_env  # noqa: E402
 from helpers import (OTP_EPMD, Daemon, NetNS, alive2, connect, frame, free_port,  # noqa: E402
-                     proc_fds, proc_rss_kb, read_to_eof, register, registered, wait_until)
-from test_hardening import VALID, mutate  # noqa: E402
+                     proc_fds, proc_rss_kb, register, registered, wait_until)
+from test_hardening import VALID, mutate, send_fuzzed  # noqa: E402
 
 TMP = Path(tempfile.mkdtemp(prefix="epmd-soak-"))
 
@@ -80,14 +80,7 @@ def fuzz(packets):
         base = proc_fds(d.pid)
         rss0 = proc_rss_kb(d.pid)
         for _ in range(packets):
-            data = mutate(rng, rng.choice(VALID))
-            try:
-                with connect(d.port, timeout=3) as s:
-                    s.sendall(data)
-                    s.shutdown(socket.SHUT_WR)
-                    read_to_eof(s, 3)
-            except OSError:
-                pass
+            send_fuzzed(d.port, mutate(rng, rng.choice(VALID)))
             if not d.alive():
                 break
         alive = d.alive()

@@ -391,6 +391,17 @@ def test_request_handling_fuzz(inputs):
         h.close()
 
 
+def send_fuzzed(port, data):
+    """Send *data* on a new connection, half-close, and read whatever comes."""
+    try:
+        with connect(port, timeout=3) as s:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            read_to_eof(s, 3)
+    except OSError:
+        pass
+
+
 def test_socket_fuzz(start_ours):
     """Thousands of random and mutated packets against a live daemon with
     registered nodes: nothing escapes the loop, the nodes stay registered and
@@ -407,14 +418,7 @@ def test_socket_fuzz(start_ours):
         request(d.port, b"n")
     rss0 = proc_rss_kb(d.pid)
     for _ in range(3000):
-        data = mutate(rng, rng.choice(VALID))
-        try:
-            with connect(d.port, timeout=3) as s:
-                s.sendall(data)
-                s.shutdown(socket.SHUT_WR)
-                read_to_eof(s, 3)
-        except OSError:
-            pass
+        send_fuzzed(d.port, mutate(rng, rng.choice(VALID)))
     assert d.alive()
     assert "internal error" not in d.stderr()
     assert sorted(registered(d.port))[:5] == [b"keep%d" % i for i in range(5)]
