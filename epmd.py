@@ -222,7 +222,9 @@ class DebugLog:
                 if self.syslog is None:
                     import syslog
                     self.syslog = syslog
-                self.syslog.syslog(self.syslog.LOG_ERR, "epmd: %s" % msg)
+                # syslog takes text: bytes that are not UTF-8 become U+FFFD
+                line = ("epmd: %s" % msg).encode("utf-8", "surrogateescape")
+                self.syslog.syslog(self.syslog.LOG_ERR, line.decode("utf-8", "replace"))
             return
         self.write("epmd: %s: %s\r\n" % (time.ctime(), msg))
 

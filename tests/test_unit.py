@@ -380,3 +380,16 @@ def test_parse_args_bad_env_port(value):
 def test_systemd_listen_sockets_errors(env, message):
     with pytest.raises(epmd.StartupError, match=message):
         epmd.systemd_listen_sockets(dict(env))
+
+
+def test_daemon_log_takes_any_bytes():
+    """In daemon mode, names that are not UTF-8 reach syslog without error."""
+    log = epmd.DebugLog(0, is_daemon=True)
+    log.dbg_printf(0, "node name already occupied %s", b"bad\xff\xfe")
+    log.dbg_perror(OSError(5, "I/O error"), "error in read %s", b"\xc0")
+
+
+def test_foreground_log_keeps_raw_bytes():
+    out = io.BytesIO()
+    epmd.DebugLog(0, out=out).dbg_printf(0, "node name already occupied %s", b"bad\xff")
+    assert out.getvalue().endswith(b": node name already occupied bad\xff\r\n")
