@@ -135,6 +135,7 @@ HEXDUMP_ROW = 16                    # bytes per hexdump row
 CLIENT_MAX_STOP_NAME = 1000         # bytes: longest name `epmd -stop` sends
 CLIENT_READ_SIZE = INBUF_SIZE       # bytes per read in the client
 SYSTEMD_FIRST_FD = 3                # SD_LISTEN_FDS_START
+MAX_INHERITED_FD = 65536            # -daemon closes inherited fds below this
 FD_RESERVE = 16                     # descriptors kept back from connections
 LOCAL_RESERVE = 64                  # D4: connection slots only local peers get
                                     # (at most half of the table)
@@ -854,7 +855,11 @@ def systemd_listen_sockets(environ):
         raise StartupError("cannot listen on more than %d IP addresses" % MAX_LISTEN_SOCKETS)
     socks = []
     for fd in range(SYSTEMD_FIRST_FD, SYSTEMD_FIRST_FD + count):
-        sock = socket.socket(fileno=fd)
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as e:
+            raise StartupError("cannot obtain sockets from systemd: fd %d: %s"
+                               % (fd, e.strerror)) from e
         sock.setblocking(False)
         socks.append(sock)
     return socks
@@ -1912,6 +1917,9 @@ def run_daemon(epmd):
             os.dup2(null, fd)
         if null > 2:
             os.close(null)
+        # nothing inherited stays open but the pipe to the waiting parent
+        os.closerange(3, wfd)
+        os.closerange(wfd + 1, MAX_INHERITED_FD)
         sent = []
 
         def ready(code, msg):

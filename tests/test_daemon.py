@@ -283,3 +283,35 @@ def _registered_or_empty(port):
     except OSError:
         return []
 
+
+
+def test_systemd_bad_descriptor():
+    """LISTEN_FDS naming a descriptor that is not open: a clear error, exit 1."""
+    p = subprocess.run([sys.executable, str(EPMD_PY), "-systemd"], capture_output=True, timeout=10,
+                       env=base_env(LISTEN_FDS="1"), close_fds=True)
+    assert p.returncode == 1
+    assert b"cannot obtain sockets from systemd: fd 3: Bad file descriptor" in p.stderr
+    assert b"Traceback" not in p.stderr
+
+
+def test_daemon_closes_inherited_descriptors(reaper, tmp_path):
+    """-daemon keeps no descriptor of its caller open but 0-2 (on /dev/null)."""
+    port = free_port()
+    r, w = os.pipe()
+    try:
+        p = subprocess.run([sys.executable, str(EPMD_PY), "-daemon", "-port", str(port),
+                            "-address", "127.0.0.1"], capture_output=True, timeout=30,
+                           env=base_env(), pass_fds=(w,))
+        assert p.returncode == 0
+        pids = find_pids(str(EPMD_PY), "-daemon", str(port))
+        reaper.extend(pids)
+        assert len(pids) == 1
+        os.close(w)
+        w = -1
+        os.set_blocking(r, False)
+        assert os.read(r, 1) == b""            # no copy of the write end left open
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    assert run_epmd(["-port", str(port), "-kill"]) == (0, b"Killed\n", b"")
