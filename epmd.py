@@ -1250,7 +1250,8 @@ class Epmd:
                            conn.fd, conn.got)
             self.conn_close(conn)
             return
-        log.dbg_print_buf(data)
+        if log.level >= 2:
+            log.dbg_print_buf(data)
         status = conn.take(data)
         if status == BAD_SIZE:
             log.dbg_printf(0, "invalid packet size (%d)", conn.want - 2)
@@ -1449,10 +1450,11 @@ class Epmd:
         Source: OTP epmd_srv.c, reply.
         """
         log = self.log
-        for chunk in chunks:
-            if self.delay_write:
-                time.sleep(self.delay_write)
-            log.dbg_print_buf(chunk)
+        if self.delay_write or log.level >= 2:
+            for chunk in chunks:
+                if self.delay_write:
+                    time.sleep(self.delay_write)
+                log.dbg_print_buf(chunk)
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if conn.out:
             conn.out += data
