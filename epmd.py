@@ -120,7 +120,6 @@ INBUF_SIZE = 3 * MAXSYMLEN          # 3060: the input buffer of a connection
 MAX_PACKET_LEN = INBUF_SIZE - 3     # 3057: largest L accepted (L + 2 < INBUF_SIZE)
 FIRST_READ_SIZE = INBUF_SIZE - 1    # bytes asked for while L is unknown
 MAX_LISTEN_SOCKETS = 16
-MAX_ADDRESSES = MAX_LISTEN_SOCKETS - 2   # besides the two loopback sockets
 CLOSE_TIMEOUT = 60                  # seconds: default -packet_timeout
 IDLE_TIMEOUT = 5                    # seconds between idle wake-ups
 SHORT_IDLE_TIMEOUT = 1              # ... when packet_timeout < IDLE_TIMEOUT
