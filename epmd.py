@@ -1411,18 +1411,16 @@ class Epmd:
         name = bytes(payload[1:]).split(b"\0", 1)[0]
         victim = self.nodes.reg.get(name)
         victim_conn = victim.conn if victim is not None else None
-        chunks = []
         if self.nodes.node_unreg(name) is None:
-            chunks.append(STOP_NOEXIST)
+            if not self.reply(conn, (STOP_NOEXIST,)):
+                log.dbg_tty_printf(1, "failed to send STOP_RESP NOEXIST")
+                return
+            log.dbg_tty_printf(1, "** sent STOP_RESP NOEXIST")
         else:
             if victim_conn is not None:
                 self.conn_close(victim_conn)
             log.dbg_tty_printf(1, "epmd connection stopped")
-        chunks.append(STOP_OK)
-        ok = self.reply(conn, chunks)
-        if victim is None:
-            log.dbg_tty_printf(1, "** sent STOP_RESP NOEXIST" if ok else "failed to send STOP_RESP NOEXIST")
-        if ok:
+        if self.reply(conn, (STOP_OK,)):
             log.dbg_tty_printf(1, "** sent STOP_RESP STOPPED")
         else:
             log.dbg_tty_printf(1, "failed to send STOP_RESP STOPPED")

@@ -772,3 +772,64 @@ def test_delay_write(start_epmd):
     assert time.monotonic() - t0 >= 3.0
     s1.close()
     s2.close()
+
+
+def _session(port, relaxed):
+    """A scripted session of requests, each finished before the next starts."""
+    def settle():
+        time.sleep(0.15)
+    s_alpha, _ = register(port, "alpha", port=40001)
+    settle()
+    if relaxed:
+        request(port, b"salpha")
+        settle()
+        request(port, b"snobody")
+        request(port, b"k")
+        return
+    for payload in (b"n", b"zalpha", b"znobody", b"d", b"k", b"salpha", b"Q",
+                    alive2("x")[:12], alive2("abc", nlen=200), alive2(b"a\0b"),
+                    b"z", b"za\0b", b"z\xff"):
+        request(port, payload)
+    for raw in (b"\x00\x00", b"\xff\xff", b"\x00\x01n\x00\x01n"):
+        request(port, raw, raw=True)
+    s_dup, _ = register(port, "alpha")          # duplicate: error reply
+    s_dup.close()
+    settle()
+    s_alpha.sendall(b"junk")                    # data on a registered connection
+    read_to_eof(s_alpha)
+    settle()
+    s_again, _ = register(port, "alpha")        # the same name again: reusing its slot
+    settle()
+    s_again.shutdown(socket.SHUT_WR)
+    read_to_eof(s_again)
+    settle()
+    request(port, b"n")
+    request(port, b"k")                         # no nodes left: OK, and exit
+
+
+@pytest.mark.parametrize("relaxed", [False, True])
+def test_debug_log_of_a_session_same_as_otp(start_ours, relaxed):
+    """-d -d logs of the same scripted session (every request kind, refusals,
+    malformed packets, unregistration by data and by close, STOP, KILL) are
+    the same line for line for epmd.py and OTP's epmd, once timestamps,
+    numbers and dumped bytes are blanked."""
+    from helpers import OTP_EPMD, need
+    if OTP_EPMD is None:
+        need("OTP's epmd binary")
+    from test_erlang import _shape
+    logs = {}
+    for which in ("otp", "py"):
+        args = ["-d", "-d"] + (["-relaxed_command_check"] if relaxed else [])
+        d = start_ours(*args, which=which)
+        _session(d.port, relaxed)
+        time.sleep(0.3)
+        d.stop()
+        logs[which] = _shape(d.stderr())
+    py, otp = logs["py"], logs["otp"]
+    assert len(py) > 40
+    if not relaxed:
+        # D9: OTP holds the refused duplicate's connection as if registered,
+        # so when the client closes it, it looks for that connection's node
+        start = otp.index("epmd: <time>: node name already occupied alpha")
+        del otp[otp.index("epmd: <time>: trying to unregister node with unknown file descriptor N", start)]
+    assert py == otp
