@@ -478,7 +478,7 @@ class NodeTable:
         self.log = log
         self.clock = clock
 
-    def node_reg2(self, req, conn, fd):
+    def node_reg2(self, req, conn):
         """Register *req* (an Alive2Req) for connection *conn*; return the
         Node, or None when refused (the error was logged at level 0).
 
@@ -520,7 +520,7 @@ class NodeTable:
             node.name = name
         else:
             node = Node(name, bump_creation(int(self.current_time()) & CREATION_MASK))
-        node.fd = fd
+        node.fd = conn.fd
         node.conn = conn
         node.port = req.port
         node.nodetype = req.nodetype
@@ -634,13 +634,13 @@ class Connection:
     the reply (integer seconds of the monotonic clock; OTP restarts it on
     every read, D13), ``keep`` is true once an ALIVE2_REQ succeeded: the
     connection then lives as long as the node, with no packet time-out.
-    ``out`` holds reply bytes the socket could not take yet; ``close_after``
-    says the connection closes once they are written.  ``one_read`` is true
-    when the request arrived in one read, so nothing unread can be waiting.
+    ``out`` holds reply bytes the socket could not take yet; unless the
+    connection is kept, it closes once they are written.  ``one_read`` is
+    true when the request arrived in one read, so that read left nothing.
     """
 
     __slots__ = ("sock", "fd", "local_peer", "keep", "want", "buf", "mod_time", "node",
-                 "out", "close_after", "events", "one_read")
+                 "out", "events", "one_read")
 
     def __init__(self, sock, fd, local_peer, now):
         self.sock = sock
@@ -652,9 +652,18 @@ class Connection:
         self.mod_time = now
         self.node = None
         self.out = b""
-        self.close_after = False
         self.events = 0
         self.one_read = False       # the whole request came in one read
+
+    def wanted_events(self):
+        """The selector events to watch: reading while a request may come
+        (for a node: while its connection may close), writing while a reply
+        waits.  An answered connection whose reply is not all written is
+        watched for writing only: like OTP, which writes its whole reply
+        before closing, nothing more is read from it."""
+        if self.out and not self.keep:
+            return selectors.EVENT_WRITE
+        return selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0)
 
     @property
     def got(self):
@@ -674,8 +683,9 @@ class Connection:
         self.buf = self.buf + data if self.buf else data
         got = len(self.buf)
         if self.want == 0 and got >= 2:
-            self.want = U16.unpack_from(self.buf)[0] + 2
-            if self.want < 3 or self.want >= INBUF_SIZE:
+            length = U16.unpack_from(self.buf)[0]
+            self.want = length + 2
+            if not 1 <= length <= MAX_PACKET_LEN:
                 return BAD_SIZE
             if got > self.want:
                 return TOO_MUCH
@@ -1178,10 +1188,17 @@ class Epmd:
         return conn
 
     def watch(self, conn):
-        """Register *conn* with the selector: for reading, and for writing
-        while a reply is waiting in ``conn.out``."""
-        conn.events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0)
+        """Register *conn* with the selector for its wanted_events()."""
+        conn.events = conn.wanted_events()
         self.sel.register(conn.sock, conn.events, conn)
+
+    def rewatch(self, conn):
+        """Bring a registered *conn*'s selector events up to date; one not
+        registered yet is left to handle(), which registers it."""
+        events = conn.wanted_events()
+        if conn.events and events != conn.events:
+            conn.events = events
+            self.sel.modify(conn.sock, events, conn)
 
     def conn_close(self, conn):
         """Close *conn* and forget it.  Source: OTP epmd_conn_close."""
@@ -1271,8 +1288,8 @@ class Epmd:
             self.do_request(conn, payload)
             if not conn.keep and not conn.out:
                 self.conn_close(conn)
-            elif not conn.keep:
-                conn.close_after = True
+            else:
+                self.rewatch(conn)
 
     # -- requests -----------------------------------------------------------
 
@@ -1314,7 +1331,7 @@ class Epmd:
         except PacketError as e:
             log.dbg_printf(0, "%s", e)
             return
-        node = self.nodes.node_reg2(req, conn, conn.fd)
+        node = self.nodes.node_reg2(req, conn)
         if node is None:
             resp = pack_alive2_resp(RESULT_ERROR, ALIVE2_ERROR_CREATION, req.highvsn)
         else:
@@ -1471,17 +1488,8 @@ class Epmd:
             log.dbg_perror(e, "error in write, errno=%d", e.errno or 0)
             return False
         if sent < len(data):
-            conn.out = data[sent:]
-            self.want_write(conn, True)
+            conn.out = data[sent:]          # do_read has it watched for writing
         return True
-
-    def want_write(self, conn, on):
-        """Watch *conn* for writability (on) or only for reading (off); a
-        connection not yet watched is left to handle(), which registers it."""
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
-        if conn.events and events != conn.events:
-            conn.events = events
-            self.sel.modify(conn.sock, events, conn)
 
     def do_write(self, conn):
         """Write more of ``conn.out``; close the connection when all is sent
@@ -1496,10 +1504,10 @@ class Epmd:
             return
         conn.out = conn.out[sent:]
         if not conn.out:
-            if conn.close_after:
-                self.conn_close(conn)
+            if conn.keep:
+                self.rewatch(conn)
             else:
-                self.want_write(conn, False)
+                self.conn_close(conn)
 
     def flush(self, conn, timeout=1.0):
         """Try for up to *timeout* seconds to write what *conn* still holds

@@ -260,6 +260,18 @@ def test_silent_reader_bounded_and_loop_not_stalled(start_ours):
     assert slowest < 0.5
     assert wait_until(lambda: proc_fds(d.pid) == base, 6)
     silent.close()
+    # A client that half-closes after asking, then reads late, gets it all:
+    # nothing more is read from a connection whose reply is being written.
+    late = socket.socket()
+    late.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    late.connect(("127.0.0.1", d.port))
+    late.sendall(frame(b"n"))
+    late.shutdown(socket.SHUT_WR)
+    time.sleep(0.5)
+    expected = 4 + sum(len(("name %s%04d at port 6000\n" % (stem, i)).encode()) for i in range(n))
+    got = read_to_eof(late, 10)
+    assert len(got) == expected
+    late.close()
     for s in nodes:
         s.close()
 

@@ -204,7 +204,7 @@ class FakeConn:
 
 def reg(table, name, fd=5, **kw):
     c = FakeConn(fd)
-    node = table.node_reg2(req(name, **kw), c, fd)
+    node = table.node_reg2(req(name, **kw), c)
     c.node = node
     return c, node
 
