@@ -558,7 +558,8 @@ class NodeTable:
         self.print_names()
 
     def node_unreg(self, name):
-        """Unregister *name*; return its Node, or None if not registered.
+        """Unregister *name*; return the Connection that held it (OTP
+        returns its fd), or None if the name is not registered.
 
         Source: OTP epmd_srv.c, node_unreg (used by STOP_REQ).
         """
@@ -566,8 +567,10 @@ class NodeTable:
         if node is None:
             self.log.dbg_tty_printf(1, "trying to unregister node with unknown name %s", name)
             return None
+        owner = node.conn
+        owner.node = None
         self._unreg(node)
-        return node
+        return owner
 
     def node_unreg_conn(self, conn):
         """Unregister the node registered by *conn*, if any; return it or None.
@@ -1426,16 +1429,14 @@ class Epmd:
             log.dbg_printf(0, "packet too small for request STOP_REQ (%d)", len(payload))
             return
         name = bytes(payload[1:]).split(b"\0", 1)[0]
-        victim = self.nodes.reg.get(name)
-        victim_conn = victim.conn if victim is not None else None
-        if self.nodes.node_unreg(name) is None:
+        owner = self.nodes.node_unreg(name)
+        if owner is None:
             if not self.reply(conn, (STOP_NOEXIST,)):
                 log.dbg_tty_printf(1, "failed to send STOP_RESP NOEXIST")
                 return
             log.dbg_tty_printf(1, "** sent STOP_RESP NOEXIST")
         else:
-            if victim_conn is not None:
-                self.conn_close(victim_conn)
+            self.conn_close(owner)
             log.dbg_tty_printf(1, "epmd connection stopped")
         if self.reply(conn, (STOP_OK,)):
             log.dbg_tty_printf(1, "** sent STOP_RESP STOPPED")
