@@ -1,10 +1,8 @@
 """Fixtures: daemons of both implementations on free loopback ports."""
 
-import os
-
 import pytest
 
-from helpers import OTP_EPMD, Daemon, free_port, need
+from helpers import OTP_EPMD, Daemon, base_env, free_port, need
 
 
 @pytest.fixture(params=["py", "otp"])
@@ -13,13 +11,6 @@ def impl(request):
     if request.param == "otp" and OTP_EPMD is None:
         need("OTP's epmd binary")
     return request.param
-
-
-def base_env(**extra):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("ERL_EPMD_") and k not in ("LISTEN_PID", "LISTEN_FDS", "NOTIFY_SOCKET")}
-    env.update(extra)
-    return env
 
 
 def _starter(default_impl, tmp_path):

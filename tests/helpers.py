@@ -16,8 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 EPMD_PY = ROOT / "epmd.py"
 REQUIRE_ERLANG = os.environ.get("EPMD_TEST_REQUIRE_ERLANG") == "1"
@@ -28,6 +26,7 @@ U32 = struct.Struct(">I")
 
 def need(what, package="erlang-base"):
     """Skip for a missing tool (Erlang/OTP by default), or fail when CI requires it."""
+    import pytest  # only tests call this; helpers stays importable without pytest
     msg = "needs %s (install Debian's %s)" % (what, package)
     if REQUIRE_ERLANG:
         pytest.fail(msg + "; EPMD_TEST_REQUIRE_ERLANG=1 makes this a failure")
@@ -58,6 +57,16 @@ def find_otp_epmd():
 
 
 OTP_EPMD = find_otp_epmd()
+
+
+def base_env(**extra):
+    """os.environ without the variables that steer epmd (ERL_EPMD_*, systemd's
+    LISTEN_* and NOTIFY_SOCKET), plus *extra*."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("ERL_EPMD_")
+           and k not in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET")}
+    env.update(extra)
+    return env
 ERL = shutil.which("erl")
 
 

@@ -26,10 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script
 
-from conftest import base_env  # noqa: E402
-from helpers import (OTP_EPMD, Daemon, NetNS, alive2, connect, frame, free_port,  # noqa: E402
+from helpers import (base_env, OTP_EPMD, Daemon, NetNS, alive2, connect, frame, free_port,  # noqa: E402
                      proc_fds, proc_rss_kb, register, registered, wait_until)
 from test_hardening import VALID, mutate, send_fuzzed  # noqa: E402
 

@@ -13,8 +13,7 @@ import threading
 
 import pytest
 
-from conftest import base_env
-from helpers import EPMD_PY, OTP_EPMD, ROOT, free_port, register, registered
+from helpers import base_env, EPMD_PY, OTP_EPMD, ROOT, free_port, register, registered
 
 pytestmark = pytest.mark.timeout(60)
 

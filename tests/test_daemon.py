@@ -13,8 +13,7 @@ import time
 
 import pytest
 
-from conftest import base_env
-from helpers import (EPMD_PY, ERL, OTP_EPMD, connect, free_port, names, need, register,
+from helpers import (base_env, EPMD_PY, ERL, OTP_EPMD, connect, free_port, names, need, register,
                      registered, wait_until)
 
 pytestmark = pytest.mark.timeout(90)

@@ -13,8 +13,7 @@ import subprocess
 
 import pytest
 
-from conftest import base_env
-from helpers import ERL, OTP_EPMD, Daemon, free_port, need, registered, wait_until
+from helpers import base_env, ERL, OTP_EPMD, Daemon, free_port, need, registered, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -22,8 +22,7 @@ from hypothesis import strategies as st
 from helpers import (ROOT, U16, U32, NetNS, alive2, connect, frame, names, need, proc_cpu, proc_fds,
                      proc_rss_kb, read_to_eof, register, registered, request, wait_until)
 
-sys.path.insert(0, str(ROOT))
-import epmd  # noqa: E402
+import epmd
 
 pytestmark = pytest.mark.timeout(120)
 

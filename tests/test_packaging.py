@@ -10,11 +10,9 @@ import venv
 
 import pytest
 
-from conftest import base_env
-from helpers import ROOT, free_port, names, need, wait_until
+from helpers import base_env, ROOT, free_port, names, need, wait_until
 
-sys.path.insert(0, str(ROOT))
-import epmd  # noqa: E402
+import epmd
 
 pytestmark = pytest.mark.timeout(300)
 

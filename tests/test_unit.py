@@ -9,10 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(__import__("helpers").ROOT))
-import epmd  # noqa: E402
+import epmd
 
-from helpers import alive2  # noqa: E402
+from helpers import alive2
 
 
 def quiet_log(level=0):

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from helpers import (U16, U32, alive2, connect, frame, is_open, names, read_to_eof, register,
+from helpers import (base_env, U16, U32, alive2, connect, frame, is_open, names, read_to_eof, register,
                      registered, request, wait_until)
 
 pytestmark = pytest.mark.timeout(60)
@@ -334,7 +334,6 @@ def test_kill_no_nodes(epmd):
 def test_kill_relaxed(start_epmd, how):
     """26: relaxed mode (the flag, or the variable set to an empty string):
     KILL succeeds with live nodes, which see EOF."""
-    from conftest import base_env
     if how == "flag":
         d = start_epmd("-relaxed_command_check")
     else:
@@ -558,7 +557,6 @@ def test_no_address_listens_everywhere(start_epmd):
 
 def test_address_env_and_override(start_epmd):
     """46: ERL_EPMD_ADDRESS is honoured with loopback added; -address replaces it."""
-    from conftest import base_env
     d = start_epmd(loopback=False, env=base_env(ERL_EPMD_ADDRESS="127.0.0.5"))
     assert ("127.0.0.5", d.port) in _listening(d.pid, d.port)
     d2 = start_epmd("-address", "127.0.0.6", loopback=False, env=base_env(ERL_EPMD_ADDRESS="127.0.0.5"))
@@ -604,7 +602,6 @@ def test_port_busy_exits_zero(start_epmd, debug):
 
 def test_erl_epmd_port_env(start_epmd):
     """48: ERL_EPMD_PORT sets the daemon's port."""
-    from conftest import base_env
     from helpers import free_port
     port = free_port()
     d = start_epmd(env=base_env(ERL_EPMD_PORT=str(port)), loopback=False, port=None)
