@@ -37,27 +37,43 @@ Requests and replies:
     KILL_REQ         'k'  -> "OK" (and epmd exits 0) or "NO"
     STOP_REQ         's' name -> "STOPPED" or "NOEXISTSTOPPED"
 
-Sections, in the order of epmd_srv.c:
+Sections.  They go bottom up, each using only what the sections above it
+define, so the file reads from the wire format to the loop; epmd_srv.c goes
+top down, from run() to the helpers.  Functions with a counterpart in OTP's
+C sources carry its name (epmd_srv.c unless said):
 
     constants and wire codes   ports, limits, request codes, struct formats
     debug output               DebugLog (dbg_printf, dbg_tty_printf,
-                               dbg_perror, dbg_print_buf), print_buf_hex
-    packets                    verify_utf8, parse_alive2_req, packing helpers
+                               dbg_perror of epmd.c; dbg_print_buf),
+                               print_buf_hex
+    packets                    verify_utf8, parse_alive2_req (the ALIVE2
+                               checks of do_request), parse_port2_req,
+                               pack_alive2_resp, pack_port2_resp
     node table                 Node, NodeTable (node_reg2, node_unreg,
-                               node_unreg_conn, print_names), bump_creation,
-                               get_creation
-    connections                Connection (the want/got framing), accept,
-                               is_local_peer
-    listening sockets          parse_addresses, open_listen_sockets,
+                               node_unreg_sock, print_names, current_time),
+                               bump_creation, get_creation
+    connections                the states READING/REPLYING/KEPT/CLOSED,
+                               Connection (the want/got framing of do_read),
+                               accept, conn_local_peer_check
+    listening sockets          parse_addresses, open_listen_sockets (the
+                               part of run before the loop),
                                systemd_listen_sockets, sd_notify
-    server                     Epmd: run (the loop), handle, check_timeouts,
-                               do_accept (with shed_connection, pause_accept
-                               for EMFILE), conn_open, conn_close, do_read,
-                               do_request and one do_*_req method per request,
-                               reply, do_write
-    client commands            epmd_call (-names, -dump, -started),
-                               kill_epmd (-kill), stop_cli (-stop)
-    command line               usage, parse_args, run_daemon, main
+    server                     Epmd: run, handle, check_timeouts, do_accept,
+                               conn_open, set_state, epmd_conn_close, do_read,
+                               do_request and one do_*_req method per
+                               request, reply, do_write, epmd_cleanup_exit
+                               (epmd.c); its class docstring indexes them
+    client commands            conn_to_epmd, read_fill, epmd_call (-names,
+                               -dump, -started), kill_epmd (-kill), stop_cli
+                               (-stop), all of epmd_cli.c
+    command line               usage, parse_args, run_daemon (epmd.c), main
+
+Our own names, without a C counterpart: Connection.take and set_state (the
+state machine that C spreads over its connection fields), handle (the body
+of run's loop for one connection), drop (node_unreg_sock followed by
+epmd_conn_close), clock (the monotonic clock for time-outs; C's
+current_time reads the wall clock), and the D2 helpers shed_connection,
+pause_accept, resume_accept and open_spare.
 
 Debug levels (-d given N times), as OTP's epmd:
 
@@ -70,12 +86,32 @@ Debug levels (-d given N times), as OTP's epmd:
 In the foreground every line goes to stderr as ``epmd: <ctime>: <msg>\\r\\n``;
 with -daemon, level-gated messages go to syslog and the hexdumps are dropped.
 
-Where this file deliberately differs from OTP's daemon (D1-D13, listed in
-README.md and epmd(1)), the code says so with a "D<n>" comment.
+Performance notes.  Most of a request's cost is its system calls, so the
+request path makes as few as it can:
+
+  - a connection is read and answered straight after accept(), since its
+    request has usually arrived with it; only a connection that must wait
+    (for the rest of its request, to write its reply, or as a registered
+    node) is registered with the selector;
+  - accepted sockets stay blocking and every recv/send passes MSG_DONTWAIT,
+    which spares the fcntl() of non-blocking mode; accept() makes the plain
+    C socket type, whose methods need no Python frames (see accept);
+  - the last reply on a connection is sent with MSG_MORE, so the FIN of the
+    close that follows rides in the same segment;
+  - the NAMES body is joined once per change of the node table, and each
+    node's PORT2_RESP is packed on its first lookup (NodeTable);
+  - log arguments are formatted only when the level prints them, and the
+    hexdump paths are guarded by the level.
+
+Where this file deliberately differs from OTP's daemon (the D numbers of
+README.md's and epmd(1)'s table of differences), the code says so with a
+"D<n>" comment.
 """
 
+import collections
 import errno
 import os
+import traceback
 import selectors
 import signal
 import socket
@@ -117,7 +153,8 @@ STOP_NOEXIST = b"NOEXIST"           # always followed by STOP_OK
 MAXSYMLEN = 255 * 4                 # bytes of a node name or of its extra
 MAX_NAME_CHARS = 255                # code points of a node name
 INBUF_SIZE = 3 * MAXSYMLEN          # 3060: the input buffer of a connection
-MAX_PACKET_LEN = INBUF_SIZE - 3     # 3057: largest L accepted (L + 2 < INBUF_SIZE)
+HEADER_LEN = 2                      # bytes of the u16 length L before a request
+MAX_PACKET_LEN = INBUF_SIZE - HEADER_LEN - 1  # 3057: largest L (L + 2 < INBUF_SIZE)
 FIRST_READ_SIZE = INBUF_SIZE - 1    # bytes asked for while L is unknown
 MAX_LISTEN_SOCKETS = 16
 CLOSE_TIMEOUT = 60                  # seconds: default -packet_timeout
@@ -301,24 +338,15 @@ def verify_utf8(data):
         return -1
 
 
-class Alive2Req:
-    """A parsed ALIVE2_REQ (the payload after the length prefix).
+Alive2Req = collections.namedtuple(
+    "Alive2Req", "port nodetype protocol highvsn lowvsn name extra")
+Alive2Req.__doc__ = """A parsed ALIVE2_REQ (the payload after the length prefix).
 
-    Layout: u8 'x', u16 port, u8 node type, u8 protocol, u16 highest version,
-    u16 lowest version, u16 nlen, nlen bytes name, u16 elen, elen bytes
-    extra; trailing bytes are ignored.  Built by parse_alive2_req.
-    """
-
-    __slots__ = ("port", "nodetype", "protocol", "highvsn", "lowvsn", "name", "extra")
-
-    def __init__(self, port, nodetype, protocol, highvsn, lowvsn, name, extra):
-        self.port = port
-        self.nodetype = nodetype
-        self.protocol = protocol
-        self.highvsn = highvsn
-        self.lowvsn = lowvsn
-        self.name = name
-        self.extra = extra
+Layout: u8 'x', u16 port, u8 node type, u8 protocol, u16 highest version,
+u16 lowest version, u16 nlen, nlen bytes name, u16 elen, elen bytes
+extra; trailing bytes are ignored.  Built by parse_alive2_req; name and
+extra are bytes.
+"""
 
 
 class PacketError(ValueError):
@@ -352,13 +380,6 @@ def parse_alive2_req(payload):
         raise PacketError("node name contains ascii 0 in ALIVE2_REQ")
     extra = bytes(payload[name_end + 2:name_end + 2 + elen])
     return Alive2Req(port, nodetype, protocol, highvsn, lowvsn, name, extra)
-
-
-def pack_alive2_req(name, port, nodetype=77, protocol=0, highvsn=6, lowvsn=5, extra=b""):
-    """Return a framed ALIVE2_REQ (length prefix included), for clients and tests."""
-    payload = (ALIVE2_FIXED.pack(ALIVE2_REQ, port, nodetype, protocol, highvsn, lowvsn, len(name))
-               + name + U16.pack(len(extra)) + extra)
-    return U16.pack(len(payload)) + payload
 
 
 def pack_alive2_resp(result, creation, highvsn):
@@ -461,7 +482,10 @@ class NodeTable:
     """The registered nodes and the FIFO of unregistered ones.
 
     ``reg`` maps name -> Node in registration order (NAMES lists it newest
-    first); ``unreg`` maps name -> Node, oldest first.  A name seen before
+    first); ``unreg`` maps name -> Node, oldest first.  The table owns the
+    node side of every link (Node.conn and Connection.node are set and
+    cleared here only) and the caches derived from it: the NAMES body
+    (``names``) and each node's PORT2_RESP (``Node.resp``).  A name seen before
     gets its old creation counter + 1 when it registers again.  D6: the
     unreg list never holds more than ``max_unreg + 1`` entries, the size at
     which OTP starts recycling its oldest entry for new names; OTP lets it
@@ -480,7 +504,8 @@ class NodeTable:
 
     def node_reg2(self, req, conn):
         """Register *req* (an Alive2Req) for connection *conn*; return the
-        Node, or None when refused (the error was logged at level 0).
+        Node, or None when refused (the error was logged at level 0).  The
+        link goes both ways: ``node.conn is conn`` and ``conn.node is node``.
 
         Refused: name over MAXSYMLEN bytes or 255 code points, name not
         UTF-8, extra over MAXSYMLEN bytes, name already registered, and (D10)
@@ -522,6 +547,7 @@ class NodeTable:
             node = Node(name, bump_creation(int(self.current_time()) & CREATION_MASK))
         node.fd = conn.fd
         node.conn = conn
+        conn.node = node
         node.port = req.port
         node.nodetype = req.nodetype
         node.protocol = req.protocol
@@ -549,6 +575,8 @@ class NodeTable:
                                 node.name, node.creation, node.port)
         del self.reg[node.name]
         self.names = None
+        if node.conn is not None:
+            node.conn.node = None
         node.conn = None
         node.resp = None
         unreg = self.unreg
@@ -568,18 +596,17 @@ class NodeTable:
             self.log.dbg_tty_printf(1, "trying to unregister node with unknown name %s", name)
             return None
         owner = node.conn
-        owner.node = None
         self._unreg(node)
         return owner
 
-    def node_unreg_conn(self, conn):
+    def node_unreg_sock(self, conn):
         """Unregister the node registered by *conn*, if any; return it or None.
 
         Source: OTP epmd_srv.c, node_unreg_sock.
         """
         node = conn.node
-        conn.node = None
         if node is None or self.reg.get(node.name) is not node:
+            conn.node = None
             self.log.dbg_tty_printf(
                 1, "trying to unregister node with unknown file descriptor %d", conn.fd)
             return None
@@ -602,6 +629,17 @@ class NodeTable:
         lines.append("*****     unreg calculated count: %d\r\n" % len(self.unreg))
         log.write("".join(lines))
 
+    def port2_resp(self, name):
+        """Return the PORT2_RESP for *name* ('w' 1 when it is not registered),
+        made once per registration and cached on its Node."""
+        node = self.reg.get(name)
+        if node is None:
+            return None
+        resp = node.resp
+        if resp is None:
+            resp = node.resp = pack_port2_resp(node)
+        return resp
+
     def names_lines(self):
         """Return the NAMES_REQ lines, newest registration first."""
         return [NAMES_LINE % (n.name, n.port) for n in reversed(list(self.reg.values()))]
@@ -621,50 +659,62 @@ class NodeTable:
 
 
 # ---------------------------------------------------------------------------
-# Connections (OTP epmd_srv.c: conn_open, conn_local_peer_check, do_read)
+# Connections: the states, the input framing (OTP epmd_srv.c: the want/got
+# part of do_read), accept, conn_local_peer_check
 # ---------------------------------------------------------------------------
 
 # Results of Connection.take, the want/got framing of do_read.
 INCOMPLETE, COMPLETE, BAD_SIZE, TOO_MUCH = range(4)
 
+# Connection states.  Epmd.set_state is the one place a state changes; it
+# keeps the time-out index (Epmd.pending) and the selector interest in step.
+#
+#   state      what the connection is doing         timed  selector interest
+#   READING    waiting for / reading its request     yes    read (once it waits)
+#   REPLYING   writing the rest of its last reply    yes    write only (as OTP,
+#                                                           which writes the whole
+#                                                           reply before reading)
+#   KEPT       holds a registered node (ALIVE2 OK)   no     read (+ write while a
+#                                                           reply is left over)
+#   CLOSED     closed and forgotten                  -      -
+READING, REPLYING, KEPT, CLOSED = "reading", "replying", "kept", "closed"
+
 
 class Connection:
-    """One accepted TCP connection and its input buffer.
+    """One accepted TCP connection: its state, input buffer and output.
 
-    ``buf`` holds the bytes of the packet read so far (at most INBUF_SIZE),
-    ``want`` the packet's total size with its 2-byte header once known (0
-    before), ``mod_time`` when the current phase began: the accept, then
-    the reply (integer seconds of the monotonic clock; OTP restarts it on
-    every read, D13), ``keep`` is true once an ALIVE2_REQ succeeded: the
-    connection then lives as long as the node, with no packet time-out.
-    ``out`` holds reply bytes the socket could not take yet; unless the
-    connection is kept, it closes once they are written.  ``one_read`` is
-    true when the request arrived in one read, so that read left nothing.
+    ``state`` is one of READING, REPLYING, KEPT, CLOSED (see the table
+    above), changed only by Epmd.set_state.  ``buf`` holds the bytes of
+    the packet read so far (at most INBUF_SIZE), ``want`` the packet's
+    total size with its HEADER_LEN-byte header once known (0 before).
+    ``mod_time`` is when the current time-out began: the accept, then the
+    reply (integer seconds of the monotonic clock; OTP restarts it on every
+    read, D13).  ``node`` is the Node this connection registered, set and
+    cleared by NodeTable only.  ``out`` holds reply bytes the socket could
+    not take yet.  ``one_read`` is true when the request arrived in one
+    read, so that read left nothing unread.  ``events`` are the selector
+    events it is registered for (0: not registered).
     """
 
-    __slots__ = ("sock", "fd", "local_peer", "keep", "want", "buf", "mod_time", "node",
+    __slots__ = ("sock", "fd", "local_peer", "state", "want", "buf", "mod_time", "node",
                  "out", "events", "one_read")
 
     def __init__(self, sock, fd, local_peer, now):
         self.sock = sock
         self.fd = fd
         self.local_peer = local_peer
-        self.keep = False
+        self.state = READING
         self.want = 0
         self.buf = b""
         self.mod_time = now
         self.node = None
         self.out = b""
         self.events = 0
-        self.one_read = False       # the whole request came in one read
+        self.one_read = False
 
     def wanted_events(self):
-        """The selector events to watch: reading while a request may come
-        (for a node: while its connection may close), writing while a reply
-        waits.  An answered connection whose reply is not all written is
-        watched for writing only: like OTP, which writes its whole reply
-        before closing, nothing more is read from it."""
-        if self.out and not self.keep:
+        """The selector events its state wants (see the state table)."""
+        if self.state == REPLYING:
             return selectors.EVENT_WRITE
         return selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0)
 
@@ -685,9 +735,9 @@ class Connection:
         """
         self.buf = self.buf + data if self.buf else data
         got = len(self.buf)
-        if self.want == 0 and got >= 2:
+        if self.want == 0 and got >= HEADER_LEN:
             length = U16.unpack_from(self.buf)[0]
-            self.want = length + 2
+            self.want = length + HEADER_LEN
             if not 1 <= length <= MAX_PACKET_LEN:
                 return BAD_SIZE
             if got > self.want:
@@ -712,7 +762,7 @@ def accept(lsock, family):
     return socket.SocketType(family, socket.SOCK_STREAM, 0, fd), peer
 
 
-def is_local_peer(sock, peer=None, family=None):
+def conn_local_peer_check(sock, peer=None, family=None):
     """Decide once, at accept, whether the peer of *sock* is on this host.
 
     *peer* is the address accept() returned (else getpeername() is asked),
@@ -902,11 +952,14 @@ def sd_notify(state, environ=os.environ):
 # ---------------------------------------------------------------------------
 
 
-class EpmdExit(Exception):
-    """Raised inside the loop to end the daemon with exit status ``code``."""
+class EpmdExit(BaseException):
+    """Raised inside the loop to end the daemon with exit status ``code``.
+
+    A BaseException, so that the per-connection ``except Exception`` of
+    handle() lets it through to run()."""
 
     def __init__(self, code):
-        Exception.__init__(self, code)
+        BaseException.__init__(self, code)
         self.code = code
 
 
@@ -914,14 +967,30 @@ class Epmd:
     """The daemon: options, the node table, the connections and the loop.
 
     Options (seconds for times): *port* as configured (reported in NAMES
-    and DUMP), *addresses* (the -address list or None), *debug* level,
-    *relaxed* (-relaxed_command_check), *packet_timeout*, *delay_accept*,
-    *delay_write*, *is_daemon*, *systemd*.  Mirrors OTP's EpmdVars.
+    and DUMP), *addresses* (the -address list or None), *relaxed*
+    (-relaxed_command_check), *packet_timeout*, *delay_accept*,
+    *delay_write*, *systemd*, and *log*, a DebugLog that carries the debug
+    level and whether we are a daemon.  Mirrors OTP's EpmdVars.
+
+    Methods by role (C counterparts in epmd_srv.c unless said):
+
+    - start-up: bind (the part of run before the loop), conn_limit
+    - the loop: run, handle (one connection's events), check_timeouts
+      (the end of run's loop), clock, epmd_cleanup_exit (epmd.c)
+    - accepting: do_accept, conn_open, shed_connection, pause_accept and
+      resume_accept (D2), open_spare
+    - connection state: set_state (the one place a state changes), watch,
+      epmd_conn_close, drop (node_unreg_sock + epmd_conn_close)
+    - requests: do_read, do_request and one handler per request code
+      (do_alive2_req, do_port2_req, do_names_req, do_dump_req, do_kill_req,
+      do_stop_req, in do_request's switch in C), refuse_remote,
+      send_listing
+    - writing: reply, do_write, flush
     """
 
-    def __init__(self, port=EPMD_PORT_NO, addresses=None, debug=0, relaxed=False,
+    def __init__(self, port=EPMD_PORT_NO, addresses=None, relaxed=False,
                  packet_timeout=CLOSE_TIMEOUT, delay_accept=0, delay_write=0,
-                 is_daemon=False, systemd=False, log=None):
+                 systemd=False, log=None):
         self.port = port
         self.addresses = addresses
         self.relaxed = relaxed
@@ -929,11 +998,11 @@ class Epmd:
         self.delay_accept = delay_accept
         self.delay_write = delay_write
         self.systemd = systemd
-        self.log = log or DebugLog(debug, is_daemon)
-        max_unreg = DEBUG_MAX_UNREG_COUNT if debug else MAX_UNREG_COUNT
-        self.nodes = NodeTable(self.log, max_unreg)
-        self.conns = {}             # fd -> Connection
-        self.pending = {}           # fd -> Connection not yet kept (time-outs apply)
+        self.log = log = log if log is not None else DebugLog()
+        max_unreg = DEBUG_MAX_UNREG_COUNT if log.level else MAX_UNREG_COUNT
+        self.nodes = NodeTable(log, max_unreg)
+        self.conns = {}             # fd -> Connection, every open one
+        self.pending = {}           # fd -> Connection READING or REPLYING (timed)
         self.listeners = []
         self.families = {}          # listening fd -> its address family
         self.sel = None
@@ -982,19 +1051,21 @@ class Epmd:
     # -- the loop -----------------------------------------------------------
     #
     # run() waits on the selector for at most IDLE_TIMEOUT seconds (1 second
-    # when packet_timeout < IDLE_TIMEOUT).  Each wake-up has three phases:
-    #   1. accept: a readable listening socket gets one accept (do_accept),
-    #      the connection is opened by conn_open and, since its request has
-    #      usually arrived already, read and answered at once; only a
-    #      connection that stays open is registered with the selector;
-    #   2. read/write: each ready connection is read by do_read (or written
-    #      by do_write when a reply is waiting), which frames the packet and
-    #      calls do_request when it is complete;
-    #   3. time-outs: once a second, connections that are not registered
-    #      nodes and did not complete their request (or take their reply)
-    #      within packet_timeout seconds are closed.
-    # Any exception raised while handling one connection is logged and only
-    # that connection is closed; the loop itself never dies of a peer.
+    # when packet_timeout < IDLE_TIMEOUT), then sleeps -delay_accept if set,
+    # and goes through the ready sockets in the order the selector gives:
+    #   - a listening socket gets one accept (do_accept); the new connection
+    #     is opened by conn_open and, since its request has usually arrived
+    #     already, read at once (handle), so most connections are answered
+    #     and closed without ever being registered with the selector;
+    #   - a connection gets handle(): do_write when its reply waits and the
+    #     socket is writable, do_read when readable; do_read frames the
+    #     packet and calls do_request once it is complete.
+    # After the ready sockets: listeners paused by EMFILE are resumed when
+    # their pause is over (D2), and check_timeouts closes, at most once a
+    # second, the timed connections (READING, REPLYING) whose time is up.
+    # Any exception raised while handling one connection is logged with its
+    # traceback and only that connection is closed; the loop never dies of
+    # a peer.
 
     def run(self):
         """Serve until KILL_REQ or a signal; return the exit status.
@@ -1023,7 +1094,7 @@ class Epmd:
                     conn = key.data
                     if conn is None:
                         self.do_accept(key.fileobj, self.families[key.fd])
-                    elif self.conns.get(conn.fd) is conn:
+                    elif conn.state is not CLOSED:
                         self.handle(conn, mask)
                 if self.paused_until and time.monotonic() >= self.paused_until:
                     self.resume_accept()
@@ -1031,32 +1102,31 @@ class Epmd:
         except EpmdExit as e:
             return e.code
         finally:
-            self.shutdown()
+            self.epmd_cleanup_exit()
 
     def handle(self, conn, mask):
-        """Write and/or read *conn* as *mask* says; then make sure a
-        connection that stays open is watched by the selector.  Any error
-        closes this connection only, and is logged."""
+        """Write and/or read *conn* as *mask* says; a connection left waiting
+        for the rest of its request is then watched by the selector.  Any
+        error closes this connection only, and is logged with a traceback."""
         try:
             if mask & selectors.EVENT_WRITE and conn.out:
                 self.do_write(conn)
-            if mask & selectors.EVENT_READ and self.conns.get(conn.fd) is conn:
+            if mask & selectors.EVENT_READ and conn.state is not CLOSED:
                 self.do_read(conn)
-            if not conn.events and self.conns.get(conn.fd) is conn:
+            if conn.state is READING and not conn.events:
                 self.watch(conn)
-        except EpmdExit:
-            raise
-        except Exception as e:  # one bad client never takes us down
-            self.log.dbg_printf(0, "internal error on file descriptor %d: %r", conn.fd, e)
+        except Exception:  # one bad client never takes us down
+            self.log.dbg_printf(0, "internal error on file descriptor %d: %s",
+                                conn.fd, traceback.format_exc().rstrip())
             self.drop(conn)
 
     def check_timeouts(self):
-        """Close connections that are not registered nodes once more than
-        packet_timeout seconds passed since they were accepted (or since
+        """Close the timed connections (READING, REPLYING) that spent more
+        than packet_timeout seconds since they were accepted (or since
         their reply began) without the request (or the reply) being done.
         Runs once per second at most.  Source: the end of OTP's run; D13.
         """
-        now = self.current_time()
+        now = self.clock()
         if now == self.last_tick:
             return
         self.last_tick = now
@@ -1064,25 +1134,27 @@ class Epmd:
         stale = [c for c in self.pending.values() if c.mod_time < limit]
         for conn in stale:
             self.log.dbg_tty_printf(1, "closing because timed out on receive")
-            self.conn_close(conn)
+            self.epmd_conn_close(conn)
 
-    def current_time(self):
-        """Integer seconds of the monotonic clock (level 3 logs it)."""
+    def clock(self):
+        """Integer seconds of the monotonic clock, for the time-outs.
+
+        OTP's current_time reads the wall clock, which jumps with the
+        system time; the monotonic clock does not.  At level 3 the wall
+        clock is logged, as OTP logs every current_time call.
+        """
         t = int(time.monotonic())
         if self.log.level >= 3:
             self.log.dbg_printf(3, "time in seconds: %d", int(time.time()))
         return t
 
-    def shutdown(self):
-        """Close every connection and listening socket (epmd_cleanup_exit)."""
+    def epmd_cleanup_exit(self):
+        """Close every connection and listening socket.  Source: OTP epmd.c,
+        epmd_cleanup_exit (without its exit: run returns the status)."""
         for conn in list(self.conns.values()):
-            self.conn_close(conn)
+            self.epmd_conn_close(conn)
         for ls in self.listeners:
-            try:
-                if self.sel is not None:
-                    self.sel.unregister(ls)
-            except (KeyError, ValueError):
-                pass
+            self.unwatch(ls)
             ls.close()
         self.listeners = []
         if self.spare_fd >= 0:
@@ -1148,10 +1220,7 @@ class Epmd:
         if self.paused_until:
             return
         for ls in self.listeners:
-            try:
-                self.sel.unregister(ls)
-            except (KeyError, ValueError):
-                pass
+            self.unwatch(ls)
         self.paused_until = time.monotonic() + ACCEPT_PAUSE
 
     def resume_accept(self):
@@ -1160,13 +1229,13 @@ class Epmd:
         for ls in self.listeners:
             try:
                 self.sel.register(ls, selectors.EVENT_READ, None)
-            except (KeyError, ValueError):
+            except (KeyError, ValueError):  # still registered
                 pass
 
     def conn_open(self, sock, peer, family):
         """Take an accepted socket (*peer*: the address accept() returned,
-        *family*: its address family) into the connection table; return its
-        Connection, or None.
+        *family*: its address family) into the connection table, READING;
+        return its Connection, or None.
 
         When the table is full the socket is closed at once ("failed
         opening connection").  D4: remote peers may not take the last
@@ -1175,7 +1244,7 @@ class Epmd:
         """
         log = self.log
         fd = sock.fileno()
-        local = is_local_peer(sock, peer, family)
+        local = conn_local_peer_check(sock, peer, family)
         active = len(self.conns)
         if active >= self.max_conn or (not local and active >= self.max_conn - self.local_reserve):
             log.dbg_tty_printf(0, "failed opening connection on file descriptor %d", fd)
@@ -1183,64 +1252,92 @@ class Epmd:
             return None
         if log.level >= 2:
             log.dbg_tty_printf(2, "Local peer connected" if local else "Non-local peer connected")
-        conn = Connection(sock, fd, local, self.current_time())
+        conn = Connection(sock, fd, local, self.clock())
         self.conns[fd] = conn
         self.pending[fd] = conn
         if log.level >= 2:
             log.dbg_tty_printf(2, "opening connection on file descriptor %d", fd)
         return conn
 
-    def watch(self, conn):
-        """Register *conn* with the selector for its wanted_events()."""
-        conn.events = conn.wanted_events()
-        self.sel.register(conn.sock, conn.events, conn)
+    # -- connection state ---------------------------------------------------
 
-    def rewatch(self, conn):
-        """Bring a registered *conn*'s selector events up to date; one not
-        registered yet is left to handle(), which registers it."""
-        events = conn.wanted_events()
-        if conn.events and events != conn.events:
-            conn.events = events
-            self.sel.modify(conn.sock, events, conn)
+    def set_state(self, conn, state):
+        """Move *conn* to *state* (REPLYING, KEPT or CLOSED; a connection is
+        READING from conn_open on): the one place a state changes.
 
-    def conn_close(self, conn):
-        """Close *conn* and forget it.  Source: OTP epmd_conn_close."""
-        fd = conn.fd
-        if self.conns.pop(fd, None) is None:
+        It keeps the rest in step: the time-out index ``pending`` (READING
+        and REPLYING are timed; a REPLYING connection's time-out starts
+        now), the selector interest (Connection.wanted_events), and, for
+        CLOSED, the connection table and the socket, closed here.  Closing
+        a closed connection does nothing.
+        """
+        if conn.state is CLOSED:
             return
-        self.pending.pop(fd, None)
-        if self.log.level >= 2:
-            self.log.dbg_tty_printf(2, "closing connection on file descriptor %d", fd)
-        if conn.events:
-            try:
-                self.sel.unregister(conn.sock)
-            except (KeyError, ValueError):
-                pass
-            conn.events = 0
-        conn.sock.close()
-        conn.buf = b""
-        conn.out = b""
+        conn.state = state
+        fd = conn.fd
+        if state is CLOSED:
+            del self.conns[fd]
+            self.pending.pop(fd, None)
+            if self.log.level >= 2:
+                self.log.dbg_tty_printf(2, "closing connection on file descriptor %d", fd)
+            if conn.events:
+                self.unwatch(conn.sock)
+                conn.events = 0
+            conn.sock.close()
+            conn.buf = b""
+            conn.out = b""
+            return
+        if state is KEPT:
+            self.pending.pop(fd, None)
+        else:
+            conn.mod_time = self.clock()
+            self.pending[fd] = conn
+        self.watch(conn)
+
+    def watch(self, conn):
+        """Register *conn* with the selector for its wanted_events(), or
+        bring its registration up to date."""
+        events = conn.wanted_events()
+        if events != conn.events:
+            if conn.events:
+                self.sel.modify(conn.sock, events, conn)
+            else:
+                self.sel.register(conn.sock, events, conn)
+            conn.events = events
+
+    def unwatch(self, fileobj):
+        """Unregister *fileobj* from the selector if it is registered."""
+        try:
+            self.sel.unregister(fileobj)
+        except (KeyError, ValueError, AttributeError):
+            pass
+
+    def epmd_conn_close(self, conn):
+        """Close *conn* and forget it.  Source: OTP epmd_srv.c, epmd_conn_close."""
+        self.set_state(conn, CLOSED)
 
     def drop(self, conn):
-        """Unregister the node of *conn*, if it has one, and close it."""
+        """Unregister the node of *conn*, if it has one, and close it.
+        Source: OTP epmd_srv.c, node_unreg_sock then epmd_conn_close."""
         if conn.node is not None:
-            self.nodes.node_unreg_conn(conn)
-        self.conn_close(conn)
+            self.nodes.node_unreg_sock(conn)
+        self.set_state(conn, CLOSED)
 
     # -- reading ------------------------------------------------------------
 
     def do_read(self, conn):
         """Read what *conn* has; run the request once the packet is complete.
 
-        A registered (keep) connection that becomes readable, whether by
-        EOF, an error or any data, unregisters its node and is closed.
-        Otherwise the read is limited to the rest of the packet, and EOF
-        before its end, L of 0 or over MAX_PACKET_LEN, and more bytes than
-        the packet all close the connection without a reply.
-        Source: OTP epmd_srv.c, do_read.
+        A KEPT connection that becomes readable, whether by EOF, an error
+        or any data, unregisters its node and is closed.  Otherwise the
+        read is limited to the rest of the packet, and EOF before its end,
+        L of 0 or over MAX_PACKET_LEN, and more bytes than the packet all
+        close the connection without a reply.  After the request, the
+        connection is KEPT (a registered node), REPLYING (its reply is not
+        all written) or closed.  Source: OTP epmd_srv.c, do_read.
         """
         log = self.log
-        if conn.keep:
+        if conn.state is KEPT:
             try:
                 data = conn.sock.recv(INBUF_SIZE, DONTWAIT)
             except (BlockingIOError, InterruptedError):
@@ -1253,8 +1350,7 @@ class Epmd:
                 log.dbg_tty_printf(1, "got more than expected on ALIVE socket %d (%d)",
                                    conn.fd, len(data))
                 log.dbg_print_buf(data)
-            self.nodes.node_unreg_conn(conn)
-            self.conn_close(conn)
+            self.drop(conn)
             return
         try:
             data = conn.sock.recv(conn.read_size(), DONTWAIT)
@@ -1262,37 +1358,35 @@ class Epmd:
             return
         except OSError as e:
             log.dbg_perror(e, "error in read")
-            self.conn_close(conn)
+            self.epmd_conn_close(conn)
             return
         if not data:
             log.dbg_printf(0, "got partial packet only on file descriptor %d (%d)",
                            conn.fd, conn.got)
-            self.conn_close(conn)
+            self.epmd_conn_close(conn)
             return
         if log.level >= 2:
             log.dbg_print_buf(data)
         status = conn.take(data)
         if status == BAD_SIZE:
-            log.dbg_printf(0, "invalid packet size (%d)", conn.want - 2)
-            self.conn_close(conn)
+            log.dbg_printf(0, "invalid packet size (%d)", conn.want - HEADER_LEN)
+            self.epmd_conn_close(conn)
             return
         if status == TOO_MUCH:
-            log.dbg_printf(0, "got %d bytes in packet, expected %d", conn.got - 2, conn.want - 2)
-            self.conn_close(conn)
+            log.dbg_printf(0, "got %d bytes in packet, expected %d",
+                           conn.got - HEADER_LEN, conn.want - HEADER_LEN)
+            self.epmd_conn_close(conn)
             return
         if status == COMPLETE:
             conn.one_read = len(data) == conn.want
-            # D13: the time-out runs from the accept, not from the last read
-            # as in OTP, so a trickle cannot hold a slot; the reply gets a
-            # packet_timeout of its own.
-            conn.mod_time = self.current_time()
-            payload = conn.buf[2:]
+            payload = conn.buf[HEADER_LEN:]
             conn.buf = b""
             self.do_request(conn, payload)
-            if not conn.keep and not conn.out:
-                self.conn_close(conn)
-            else:
-                self.rewatch(conn)
+            if conn.state is READING:
+                # D13: the time-out runs from the accept, not from the last
+                # read as in OTP, so a trickle cannot hold a slot; the reply
+                # gets a packet_timeout of its own (set_state starts it).
+                self.set_state(conn, REPLYING if conn.out else CLOSED)
 
     # -- requests -----------------------------------------------------------
 
@@ -1301,7 +1395,9 @@ class Epmd:
 
         Unknown codes close the connection ("got garbage ").  ALIVE2, DUMP,
         KILL and STOP are for local peers only; remote peers get those
-        closed without a reply.  Source: OTP epmd_srv.c, do_request.
+        closed without a reply.  A handler replies with reply(), and leaves
+        the connection READING unless it keeps or closes it.
+        Source: OTP epmd_srv.c, do_request.
         """
         code = payload[0]
         handler = self.HANDLERS.get(code)
@@ -1320,7 +1416,7 @@ class Epmd:
     def do_alive2_req(self, conn, payload):
         """ALIVE2_REQ: register a node; reply ALIVE2_X_RESP or ALIVE2_RESP.
 
-        On success the connection is kept for the life of the node.  D9: on
+        On success the connection is KEPT for the life of the node.  D9: on
         an error reply (result 1, creation 99) the connection is closed,
         where OTP holds it open forever.  D1: if the reply cannot be sent,
         only the node this connection registered is unregistered.
@@ -1339,17 +1435,15 @@ class Epmd:
             resp = pack_alive2_resp(RESULT_ERROR, ALIVE2_ERROR_CREATION, req.highvsn)
         else:
             resp = pack_alive2_resp(RESULT_OK, node.creation, req.highvsn)
-            conn.node = node
-        sent = self.reply(conn, (resp,))
+        sent = self.reply(conn, (resp,), last=node is None)
         log.dbg_tty_printf(1, "** %s ALIVE2_RESP for \"%s\"",
                            "sent" if sent else "failed to send", req.name)
         if not sent:
             if node is not None:
-                self.nodes.node_unreg_conn(conn)  # D1: never another connection's node
+                self.nodes.node_unreg_sock(conn)  # D1: never another connection's node
             return
         if node is not None:
-            conn.keep = True
-            self.pending.pop(conn.fd, None)
+            self.set_state(conn, KEPT)
 
     def do_port2_req(self, conn, payload):
         """PORT_PLEASE2_REQ: answer PORT2_RESP with the node's fields, or
@@ -1361,15 +1455,10 @@ class Epmd:
         except PacketError as e:
             log.dbg_printf(0, "%s", e)
             return
-        node = self.nodes.reg.get(name)
-        if node is None:
-            kind, resp = "error", PORT2_RESP_ERROR
-        else:
-            kind, resp = "ok", node.resp or pack_port2_resp(node)
-            node.resp = resp
-        sent = self.reply(conn, (resp,))
+        resp = self.nodes.port2_resp(name)
+        sent = self.reply(conn, (resp or PORT2_RESP_ERROR,))
         log.dbg_tty_printf(1, "** %s PORT2_RESP (%s) for \"%s\"",
-                           "sent" if sent else "failed to send", kind, name)
+                           "sent" if sent else "failed to send", "ok" if resp else "error", name)
 
     def do_names_req(self, conn, payload):
         """NAMES_REQ: the configured port as u32, then one line per node.
@@ -1410,7 +1499,7 @@ class Epmd:
             log.dbg_printf(0, "failed to send reply to KILL_REQ")
         log.dbg_tty_printf(1, "epmd killed")
         self.flush(conn)
-        self.conn_close(conn)
+        self.epmd_conn_close(conn)
         log.dbg_printf(0, "got KILL_REQ - terminates normal")
         raise EpmdExit(0)
 
@@ -1431,12 +1520,12 @@ class Epmd:
         name = bytes(payload[1:]).split(b"\0", 1)[0]
         owner = self.nodes.node_unreg(name)
         if owner is None:
-            if not self.reply(conn, (STOP_NOEXIST,)):
+            if not self.reply(conn, (STOP_NOEXIST,), last=False):
                 log.dbg_tty_printf(1, "failed to send STOP_RESP NOEXIST")
                 return
             log.dbg_tty_printf(1, "** sent STOP_RESP NOEXIST")
         else:
-            self.conn_close(owner)
+            self.epmd_conn_close(owner)
             log.dbg_tty_printf(1, "epmd connection stopped")
         if self.reply(conn, (STOP_OK,)):
             log.dbg_tty_printf(1, "** sent STOP_RESP STOPPED")
@@ -1454,15 +1543,18 @@ class Epmd:
 
     # -- writing ------------------------------------------------------------
 
-    def reply(self, conn, chunks):
-        """Send *chunks* (bytes objects, OTP's separate writes) to *conn*.
+    def reply(self, conn, chunks, last=True):
+        """Send *chunks* (bytes objects, OTP's separate writes) to *conn*;
+        *last* says whether the connection closes after this reply (false
+        for a successful ALIVE2_REQ, and for STOP's NOEXIST, which STOPPED
+        follows).
 
         Each chunk is logged as its own hexdump and preceded by the
         -delay_write sleep, as OTP writes them one by one; on the wire they
         go out in one send.  What the socket cannot take now is kept in
-        ``conn.out`` and written when it becomes writable, so one slow peer
-        never stalls the loop.  Returns False if the peer is gone.
-        Source: OTP epmd_srv.c, reply.
+        ``conn.out``, written by do_write when the socket is writable, so
+        one slow peer never stalls the loop.  Returns False if the peer is
+        gone.  Source: OTP epmd_srv.c, reply.
         """
         log = self.log
         if self.delay_write or log.level >= 2:
@@ -1475,7 +1567,7 @@ class Epmd:
             conn.out += data
             return True
         flags = DONTWAIT
-        if conn.one_read and not conn.keep and conn.node is None:
+        if last and conn.one_read:
             # The connection is closed right after this reply: let the FIN
             # ride in the same segment.  Only when the request came in one
             # read, as unread input turns the close into an RST that would
@@ -1489,12 +1581,12 @@ class Epmd:
             log.dbg_perror(e, "error in write, errno=%d", e.errno or 0)
             return False
         if sent < len(data):
-            conn.out = data[sent:]          # do_read has it watched for writing
+            conn.out = data[sent:]
         return True
 
     def do_write(self, conn):
-        """Write more of ``conn.out``; close the connection when all is sent
-        and no more requests belong on it."""
+        """Write more of ``conn.out``; once all is written a REPLYING
+        connection is closed, a KEPT one watched for reading only."""
         try:
             sent = conn.sock.send(conn.out, DONTWAIT)
         except (BlockingIOError, InterruptedError):
@@ -1505,10 +1597,10 @@ class Epmd:
             return
         conn.out = conn.out[sent:]
         if not conn.out:
-            if conn.keep:
-                self.rewatch(conn)
+            if conn.state is KEPT:
+                self.watch(conn)
             else:
-                self.conn_close(conn)
+                self.epmd_conn_close(conn)
 
     def flush(self, conn, timeout=1.0):
         """Try for up to *timeout* seconds to write what *conn* still holds
@@ -1834,10 +1926,10 @@ def usage(msg=None):
 
 def make_daemon(opts):
     """Build the Epmd of the parsed options *opts*."""
-    return Epmd(port=opts["port"], addresses=opts["address"], debug=opts["debug"],
+    return Epmd(port=opts["port"], addresses=opts["address"],
                 relaxed=opts["relaxed"], packet_timeout=opts["packet_timeout"],
                 delay_accept=opts["delay_accept"], delay_write=opts["delay_write"],
-                is_daemon=opts["daemon"], systemd=opts["systemd"])
+                systemd=opts["systemd"], log=DebugLog(opts["debug"], opts["daemon"]))
 
 
 def _terminate(signum, frame):
@@ -1890,7 +1982,9 @@ def run_daemon(epmd):
     standard streams on /dev/null, logging to syslog.  D5: the parent
     returns only once the daemon has bound its sockets: 0 when it serves
     (or another epmd holds the port, as OTP), 1 with the bind error on
-    stderr.  Source: OTP epmd.c, run_daemon.
+    stderr.  Should the child fail in any other way before it is bound, the
+    parent prints that error and returns 1; after binding, the traceback
+    goes to the log.  Source: OTP epmd.c, run_daemon.
     """
     rfd, wfd = os.pipe()
     pid = os.fork()
@@ -1912,6 +2006,13 @@ def run_daemon(epmd):
         if msg:
             sys.stderr.write("epmd: %s\n" % msg.decode("utf-8", "replace"))
         return int(code)
+    sent = []
+
+    def ready(code, msg):
+        os.write(wfd, ("%d %s" % (code, msg)).encode("utf-8", "replace"))
+        os.close(wfd)
+        sent.append(True)
+
     try:
         os.close(rfd)
         os.setsid()
@@ -1928,19 +2029,18 @@ def run_daemon(epmd):
         # nothing inherited stays open but the pipe to the waiting parent
         os.closerange(3, wfd)
         os.closerange(wfd + 1, MAX_INHERITED_FD)
-        sent = []
-
-        def ready(code, msg):
-            os.write(wfd, ("%d %s" % (code, msg)).encode("utf-8", "replace"))
-            os.close(wfd)
-            sent.append(True)
-
         code = serve(epmd, ready)
         if not sent:
             os.close(wfd)
         os._exit(code)
-    except BaseException:
-        os._exit(1)
+    except BaseException as e:
+        try:
+            if sent:
+                epmd.log.dbg_printf(0, "internal error: %s", traceback.format_exc().rstrip())
+            else:
+                ready(1, "internal error in the daemon before it served: %r" % (e,))
+        finally:
+            os._exit(1)
 
 
 def main(argv=None):

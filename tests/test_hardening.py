@@ -341,7 +341,7 @@ class Harness:
         for i in range(3):
             conn, peer = self.open(True)
             self.feed(conn, peer, frame(alive2("keep%d" % i, port=7000 + i)))
-            assert conn.keep and peer.recv(6)[:2] == b"v\x00"
+            assert conn.state is epmd.KEPT and peer.recv(6)[:2] == b"v\x00"
             self.keep.append((conn, peer))
 
     def open(self, local):
@@ -368,11 +368,15 @@ class Harness:
             assert e.conns.get(node.conn.fd) is node.conn and node.conn.node is node
         assert len(e.nodes.unreg) <= e.nodes.max_unreg + 1
         assert set(e.pending) <= set(e.conns)
+        for fd, conn in e.conns.items():
+            assert conn.fd == fd and conn.state is not epmd.CLOSED
+            assert (fd in e.pending) == (conn.state in (epmd.READING, epmd.REPLYING))
+            assert (conn.node is not None) == (conn.state is epmd.KEPT)
 
     def close(self):
         for _, peer in self.keep:
             peer.close()
-        self.e.shutdown()
+        self.e.epmd_cleanup_exit()
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))

@@ -120,11 +120,10 @@ def test_parse_alive2_errors(payload, message):
         epmd.parse_alive2_req(payload)
 
 
-def test_pack_alive2_req_round_trip():
-    framed = epmd.pack_alive2_req(b"n", 99, extra=b"e")
-    assert framed[:2] == epmd.U16.pack(len(framed) - 2)
-    req = epmd.parse_alive2_req(framed[2:])
-    assert (req.name, req.port, req.extra) == (b"n", 99, b"e")
+def test_parse_alive2_every_field():
+    req = epmd.parse_alive2_req(alive2(b"n", port=99, nodetype=72, proto=1, highvsn=6, lowvsn=5,
+                                       extra=b"e"))
+    assert req == epmd.Alive2Req(99, 72, 1, 6, 5, b"n", b"e")
 
 
 def test_pack_alive2_resp():
@@ -204,7 +203,7 @@ class FakeConn:
 def reg(table, name, fd=5, **kw):
     c = FakeConn(fd)
     node = table.node_reg2(req(name, **kw), c)
-    c.node = node
+    assert c.node is node and (node is None or node.conn is c)
     return c, node
 
 
@@ -219,7 +218,7 @@ def test_first_creation_is_time_plus_one():
 def test_reregistration_bumps():
     t = epmd.NodeTable(quiet_log(), clock=Clock(1000))
     c, n = reg(t, b"a")
-    t.node_unreg_conn(c)
+    t.node_unreg_sock(c)
     _, n2 = reg(t, b"a")
     assert n2.creation == 1002
     assert b"a" not in t.unreg
@@ -245,32 +244,32 @@ def test_steal_and_cap():
     for i in range(6):
         c, _ = reg(t, b"n%d" % i)
         clock.t += 10
-        t.node_unreg_conn(c)
+        t.node_unreg_sock(c)
     assert len(t.unreg) == 6
     _, fresh = reg(t, b"fresh")
     assert fresh.cr_counter == 1001          # n0's creation, not bumped
     assert b"n0" not in t.unreg and len(t.unreg) == 5
     for i in range(20):
         c, _ = reg(t, b"m%d" % i)
-        t.node_unreg_conn(c)
+        t.node_unreg_sock(c)
         assert len(t.unreg) <= 6
 
 
 def test_unreg_only_own_node():
-    """node_unreg_conn never removes a node another connection registered (D1)."""
+    """node_unreg_sock never removes a node another connection registered (D1)."""
     t = epmd.NodeTable(quiet_log(), clock=Clock(1000))
     owner, _ = reg(t, b"a", fd=5)
     other = FakeConn(6)
-    assert t.node_unreg_conn(other) is None
+    assert t.node_unreg_sock(other) is None
     assert b"a" in t.reg
-    assert t.node_unreg_conn(owner) is not None
+    assert t.node_unreg_sock(owner) is not None
 
 
 def test_names_and_dump_lines():
     t = epmd.NodeTable(quiet_log(), clock=Clock(1000))
     c1, _ = reg(t, b"a", fd=5, port=1)
     reg(t, b"b", fd=6, port=2)
-    t.node_unreg_conn(c1)
+    t.node_unreg_sock(c1)
     assert t.names_lines() == [b"name b at port 2\n"]
     assert t.dump_lines() == [b"active name     <b> at port 2, fd = 6\n\0",
                               b"old/unused name <a>, port = 1, fd = 5 \n\0"]
