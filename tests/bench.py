@@ -25,10 +25,8 @@ Figures:
 """
 
 import argparse
-import glob
 import json
 import os
-import random
 import resource
 import selectors
 import socket
@@ -39,21 +37,16 @@ import sys
 import time
 from pathlib import Path
 
+import helpers  # tests/helpers.py: the test library, standard library only
+from helpers import U16, U32, frame, free_port, proc_cpu, proc_rss_kb
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-
-U16 = struct.Struct(">H")
-U32 = struct.Struct(">I")
 NODE_PORT = 4242
 
 
 def alive2(name, port=NODE_PORT):
-    name = name.encode()
-    return struct.pack(">BHBBHHH", 120, port, 77, 0, 6, 5, len(name)) + name + U16.pack(0)
-
-
-def frame(payload):
-    return U16.pack(len(payload)) + payload
+    return helpers.alive2(name, port=port)
 
 
 def port2_reply(name, port=NODE_PORT):
@@ -145,28 +138,8 @@ def worker(spec):
 # -- daemons ------------------------------------------------------------------------
 
 def otp_epmd():
-    """OTP's epmd binary ($EPMD_BENCH_OTP, or the erts one), or None."""
-    env = os.environ.get("EPMD_BENCH_OTP")
-    if env:
-        return env
-    for cand in sorted(glob.glob("/usr/lib/erlang/erts-*/bin/epmd")):
-        if os.access(cand, os.X_OK):
-            return cand
-    return None
-
-
-def free_port():
-    """A TCP port free on 127.0.0.1 and ::1, below the ephemeral range."""
-    for _ in range(500):
-        port = random.randint(20000, 32000)
-        try:
-            for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-                with socket.socket(family) as s:
-                    s.bind((host, port))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free port")
+    """OTP's epmd binary ($EPMD_BENCH_OTP, or as the tests find it), or None."""
+    return os.environ.get("EPMD_BENCH_OTP") or helpers.OTP_EPMD
 
 
 def pin(cpu):
@@ -207,16 +180,10 @@ class Daemon:
         raise RuntimeError("%s did not start" % self.impl)
 
     def cpu(self):
-        with open("/proc/%d/stat" % self.proc.pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return proc_cpu(self.proc.pid)
 
     def rss_kb(self):
-        with open("/proc/%d/status" % self.proc.pid) as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        return 0
+        return proc_rss_kb(self.proc.pid)
 
     def stop(self):
         self.proc.terminate()
@@ -232,12 +199,11 @@ class RunError(Exception):
 
 
 def register(port, name):
-    s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(frame(alive2(name)))
-    reply = s.recv(6)
+    s, reply = helpers.register(port, name, port=NODE_PORT)
     if reply[:2] != b"v\x00":
         s.close()
         raise RunError("registration of %s failed: %r" % (name, reply))
+    s.settimeout(None)
     return s
 
 

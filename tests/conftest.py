@@ -1,7 +1,6 @@
 """Fixtures: daemons of both implementations on free loopback ports."""
 
 import pytest
-
 from helpers import OTP_EPMD, Daemon, base_env, free_port, need
 
 

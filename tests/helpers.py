@@ -7,6 +7,7 @@ this host's own non-loopback addresses); nothing is mocked.
 import glob
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -210,6 +211,28 @@ def registered(port):
     return out
 
 
+def names_or_none(port, host="127.0.0.1"):
+    """names(port, host), or None when no daemon answers."""
+    try:
+        return names(port, host)
+    except OSError:
+        return None
+
+
+def names_port_or_none(port, host="127.0.0.1"):
+    """The port in a NAMES reply's header, or None when no daemon answers."""
+    got = names_or_none(port, host)
+    return None if got is None else got[0]
+
+
+def registered_or_empty(port):
+    """registered(port), or [] when no daemon answers."""
+    try:
+        return registered(port)
+    except OSError:
+        return []
+
+
 def wait_until(pred, timeout=5.0, step=0.02):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -379,3 +402,57 @@ def proc_rss_kb(pid):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError("no VmRSS")
+
+
+# -- logs ---------------------------------------------------------------------
+
+def log_shape(log):
+    """The log with what legitimately differs between two runs blanked out:
+    timestamps, numbers, and the bytes (not the layout) of hexdump rows."""
+    out = []
+    for line in log.split("\r\n"):
+        if line.startswith("***** "):
+            m = re.match(r"^(\*\*\*\*\* [0-9a-f]{8})((?:  ?[ 0-9a-f]{2}){16}|.*?)  \|(.*)\|$", line)
+            assert m, line
+            hexpart = re.sub(r"[0-9a-f]{2}", "xx", m.group(2))
+            out.append("%s%s  |%s|" % (m.group(1), hexpart, "." * len(m.group(3))))
+        else:
+            line = re.sub(r"^epmd: \w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}: ", "epmd: <time>: ", line)
+            out.append(re.sub(r"\d+", "N", line))
+    return out
+
+
+# -- fuzzing ------------------------------------------------------------------
+
+VALID = [alive2("fz", extra=b"e"), b"n", b"d", b"zfz", b"zkeep0", b"sfz", b"k", alive2("keep0")]
+
+
+def mutate(rng, payload):
+    """A valid request with bytes flipped, cut, extended, or framed wrongly."""
+    data = bytearray(frame(payload))
+    kind = rng.randrange(7)
+    if kind == 0 and len(data) > 2:
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(2, len(data))] = rng.randrange(256)
+    elif kind == 1:
+        data = data[:rng.randrange(len(data) + 1)]
+    elif kind == 2:
+        data += bytes(rng.randrange(256) for _ in range(rng.randint(1, 40)))
+    elif kind == 3:
+        data += frame(rng.choice(VALID))
+    elif kind == 4:
+        data[0:2] = U16.pack(rng.choice([0, 1, 2, 3057, 3058, 0xFFFF, rng.randrange(65536)]))
+    elif kind == 5:
+        data = bytearray(bytes(rng.randrange(256) for _ in range(rng.randint(0, 64))))
+    return bytes(data)
+
+
+def send_fuzzed(port, data):
+    """Send *data* on a new connection, half-close, and read whatever comes."""
+    try:
+        with connect(port, timeout=3) as s:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            read_to_eof(s, 3)
+    except OSError:
+        pass

@@ -28,9 +28,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script
 
-from helpers import (base_env, OTP_EPMD, Daemon, NetNS, alive2, connect, frame, free_port,  # noqa: E402
-                     proc_fds, proc_rss_kb, register, registered, wait_until)
-from test_hardening import VALID, mutate, send_fuzzed  # noqa: E402
+from helpers import (  # noqa: E402
+    OTP_EPMD,
+    VALID,
+    Daemon,
+    NetNS,
+    alive2,
+    base_env,
+    connect,
+    frame,
+    free_port,
+    mutate,
+    proc_fds,
+    proc_rss_kb,
+    register,
+    registered,
+    send_fuzzed,
+    wait_until,
+)
 
 TMP = Path(tempfile.mkdtemp(prefix="epmd-soak-"))
 

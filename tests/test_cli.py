@@ -12,8 +12,7 @@ import sys
 import threading
 
 import pytest
-
-from helpers import base_env, EPMD_PY, OTP_EPMD, ROOT, free_port, register, registered
+from helpers import EPMD_PY, OTP_EPMD, ROOT, base_env, free_port, register, registered
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,9 +12,21 @@ import sys
 import time
 
 import pytest
-
-from helpers import (base_env, EPMD_PY, ERL, OTP_EPMD, connect, free_port, names, need, register,
-                     registered, wait_until)
+from helpers import (
+    EPMD_PY,
+    ERL,
+    OTP_EPMD,
+    base_env,
+    connect,
+    free_port,
+    names,
+    names_or_none,
+    need,
+    register,
+    registered,
+    registered_or_empty,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -200,7 +212,7 @@ def test_systemd_socket_activation(impl, tmp_path, abstract):
            "-E", "NOTIFY_SOCKET=" + nname] + exe + ["-systemd"]
     p = subprocess.Popen(cmd, env=base_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        assert wait_until(lambda: _names_or_none(port, "127.0.0.1") is not None, 10)
+        assert wait_until(lambda: names_or_none(port, "127.0.0.1") is not None, 10)
         assert names(port, "127.0.0.1")[0] == 4369
         s, reply = register(port, "sd", host="::1")
         assert reply[:2] == b"v\x00"
@@ -214,13 +226,6 @@ def test_systemd_socket_activation(impl, tmp_path, abstract):
         p.terminate()
         p.wait(5)
         nsock.close()
-
-
-def _names_or_none(port, host):
-    try:
-        return names(port, host)
-    except OSError:
-        return None
 
 
 @pytest.mark.parametrize("impl", ["py", "otp"], indirect=True)
@@ -262,7 +267,7 @@ def test_erl_starts_epmd_py(tmp_path, reaper):
     p = subprocess.Popen([str(bindir / "erlexec"), "-sname", node, "-noshell", "-noinput", "-eval", code],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        assert wait_until(lambda: _registered_or_empty(port) == [node.encode()], 30)
+        assert wait_until(lambda: registered_or_empty(port) == [node.encode()], 30)
         daemon_pids = find_pids(str(bindir / "epmd"), "-daemon")
         reaper.extend(daemon_pids)
         assert len(daemon_pids) == 1
@@ -271,16 +276,9 @@ def test_erl_starts_epmd_py(tmp_path, reaper):
     finally:
         p.kill()
         p.wait(10)
-    assert wait_until(lambda: _registered_or_empty(port) == [], 10)
+    assert wait_until(lambda: registered_or_empty(port) == [], 10)
     assert run_epmd(["-port", str(port), "-kill"]) == (0, b"Killed\n", b"")
     assert wait_until(lambda: all(gone(pid) for pid in daemon_pids), 5)
-
-
-def _registered_or_empty(port):
-    try:
-        return registered(port)
-    except OSError:
-        return []
 
 
 

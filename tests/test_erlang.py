@@ -12,8 +12,7 @@ import signal
 import subprocess
 
 import pytest
-
-from helpers import base_env, ERL, OTP_EPMD, Daemon, free_port, need, registered, wait_until
+from helpers import ERL, OTP_EPMD, Daemon, base_env, free_port, log_shape, need, registered, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -161,23 +160,6 @@ def test_debug_output_of_a_real_registration(tmp_path):
         d.stop()
 
 
-def _shape(log):
-    """The log with what legitimately differs between two runs blanked out:
-    timestamps, numbers, and the bytes (not the layout) of hexdump rows."""
-    import re
-    out = []
-    for line in log.split("\r\n"):
-        if line.startswith("***** "):
-            m = re.match(r"^(\*\*\*\*\* [0-9a-f]{8})((?:  ?[ 0-9a-f]{2}){16}|.*?)  \|(.*)\|$", line)
-            assert m, line
-            hexpart = re.sub(r"[0-9a-f]{2}", "xx", m.group(2))
-            out.append("%s%s  |%s|" % (m.group(1), hexpart, "." * len(m.group(3))))
-        else:
-            line = re.sub(r"^epmd: \w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}: ", "epmd: <time>: ", line)
-            out.append(re.sub(r"\d+", "N", line))
-    return out
-
-
 def test_debug_log_same_as_otp(tmp_path):
     """The same node registering and leaving, once with OTP's epmd -d -d and
     once with epmd.py -d -d, gives the same log line for line (timestamps,
@@ -205,5 +187,5 @@ def test_debug_log_same_as_otp(tmp_path):
             n.close()
             d.stop()
         # the readiness probe of the fixture is a NAMES request too; keep from there
-        logs[which] = _shape(d.stderr())
+        logs[which] = log_shape(d.stderr())
     assert logs["py"] == logs["otp"]

@@ -12,15 +12,32 @@ import resource
 import shutil
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
+from helpers import (
+    U16,
+    U32,
+    VALID,
+    NetNS,
+    alive2,
+    connect,
+    frame,
+    mutate,
+    names_or_none,
+    need,
+    proc_cpu,
+    proc_fds,
+    proc_rss_kb,
+    read_to_eof,
+    register,
+    registered,
+    request,
+    send_fuzzed,
+    wait_until,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from helpers import (ROOT, U16, U32, NetNS, alive2, connect, frame, names, need, proc_cpu, proc_fds,
-                     proc_rss_kb, read_to_eof, register, registered, request, wait_until)
 
 import epmd
 
@@ -212,7 +229,7 @@ def test_emfile_survived(start_epmd, impl):
     finally:
         for s in idle:
             s.close()
-    assert wait_until(lambda: _names_or_none(d.port) is not None, 20)
+    assert wait_until(lambda: names_or_none(d.port) is not None, 20)
     assert sorted(registered(d.port)) == sorted(b"keep%d" % i for i in range(10))
     for s in nodes[:5]:
         s.close()
@@ -221,13 +238,6 @@ def test_emfile_survived(start_epmd, impl):
     assert reply[:2] == b"v\x00"
     for s in nodes[5:] + [after]:
         s.close()
-
-
-def _names_or_none(port):
-    try:
-        return names(port)
-    except OSError:
-        return None
 
 
 # -- 5. slow and silent peers are bounded ------------------------------------------------------
@@ -303,29 +313,6 @@ def test_half_packet_and_trickle_bounded(start_ours):
 
 
 # -- 6. any bytes are safe ----------------------------------------------------------------
-
-VALID = [alive2("fz", extra=b"e"), b"n", b"d", b"zfz", b"zkeep0", b"sfz", b"k", alive2("keep0")]
-
-
-def mutate(rng, payload):
-    """A valid request with bytes flipped, cut, extended, or framed wrongly."""
-    data = bytearray(frame(payload))
-    kind = rng.randrange(7)
-    if kind == 0 and len(data) > 2:
-        for _ in range(rng.randint(1, 4)):
-            data[rng.randrange(2, len(data))] = rng.randrange(256)
-    elif kind == 1:
-        data = data[:rng.randrange(len(data) + 1)]
-    elif kind == 2:
-        data += bytes(rng.randrange(256) for _ in range(rng.randint(1, 40)))
-    elif kind == 3:
-        data += frame(rng.choice(VALID))
-    elif kind == 4:
-        data[0:2] = U16.pack(rng.choice([0, 1, 2, 3057, 3058, 0xFFFF, rng.randrange(65536)]))
-    elif kind == 5:
-        data = bytearray(bytes(rng.randrange(256) for _ in range(rng.randint(0, 64))))
-    return bytes(data)
-
 
 class Harness:
     """A real Epmd object with real (socketpair) connections, driven by hand:
@@ -404,17 +391,6 @@ def test_request_handling_fuzz(inputs):
         assert len(h.e.conns) == len(h.keep)
     finally:
         h.close()
-
-
-def send_fuzzed(port, data):
-    """Send *data* on a new connection, half-close, and read whatever comes."""
-    try:
-        with connect(port, timeout=3) as s:
-            s.sendall(data)
-            s.shutdown(socket.SHUT_WR)
-            read_to_eof(s, 3)
-    except OSError:
-        pass
 
 
 def test_socket_fuzz(start_ours):

@@ -9,8 +9,7 @@ import sys
 import venv
 
 import pytest
-
-from helpers import base_env, ROOT, free_port, names, need, wait_until
+from helpers import ROOT, base_env, free_port, names, need, wait_until
 
 import epmd
 

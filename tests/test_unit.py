@@ -3,15 +3,13 @@ creation rules, the node table, address parsing, hexdumps, the command line."""
 
 import io
 import socket
-import sys
 
 import pytest
+from helpers import alive2
 from hypothesis import given
 from hypothesis import strategies as st
 
 import epmd
-
-from helpers import alive2
 
 
 def quiet_log(level=0):

@@ -11,9 +11,23 @@ import struct
 import time
 
 import pytest
-
-from helpers import (base_env, U16, U32, alive2, connect, frame, is_open, names, read_to_eof, register,
-                     registered, request, wait_until)
+from helpers import (
+    U16,
+    U32,
+    alive2,
+    base_env,
+    connect,
+    frame,
+    is_open,
+    log_shape,
+    names,
+    names_port_or_none,
+    read_to_eof,
+    register,
+    registered,
+    request,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -610,22 +624,16 @@ def test_erl_epmd_port_env(start_epmd):
     d.stop()
     import subprocess
     import sys
+
     from helpers import EPMD_PY, OTP_EPMD
     exe = [sys.executable, str(EPMD_PY)] if d.impl == "py" else [OTP_EPMD]
     p = subprocess.Popen(exe + ["-address", "127.0.0.1"], env=base_env(ERL_EPMD_PORT=str(port)),
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        assert wait_until(lambda: _try_names(port) == port, 10)
+        assert wait_until(lambda: names_port_or_none(port) == port, 10)
     finally:
         p.terminate()
         p.wait(5)
-
-
-def _try_names(port):
-    try:
-        return names(port)[0]
-    except OSError:
-        return None
 
 
 def test_port_70000(start_epmd, impl):
@@ -643,7 +651,7 @@ def test_port_70000(start_epmd, impl):
         pytest.skip("port 4464 is busy")
     del Daemon, free_port
     d = start_epmd(port=70000, wait=False)
-    assert wait_until(lambda: _try_names(4464) == 70000, 10)
+    assert wait_until(lambda: names_port_or_none(4464) == 70000, 10)
     d.stop()
 
 
@@ -813,7 +821,6 @@ def test_debug_log_of_a_session_same_as_otp(start_ours, relaxed):
     from helpers import OTP_EPMD, need
     if OTP_EPMD is None:
         need("OTP's epmd binary")
-    from test_erlang import _shape
     logs = {}
     for which in ("otp", "py"):
         args = ["-d", "-d"] + (["-relaxed_command_check"] if relaxed else [])
@@ -821,7 +828,7 @@ def test_debug_log_of_a_session_same_as_otp(start_ours, relaxed):
         _session(d.port, relaxed)
         time.sleep(0.3)
         d.stop()
-        logs[which] = _shape(d.stderr())
+        logs[which] = log_shape(d.stderr())
     py, otp = logs["py"], logs["otp"]
     assert len(py) > 40
     if not relaxed:
