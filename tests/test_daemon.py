@@ -133,8 +133,7 @@ def test_daemon_bind_error(impl, reaper):
     else:
         p = subprocess.run([OTP_EPMD] + args, capture_output=True, timeout=30, env=base_env())
         assert p.returncode == 0
-    time.sleep(0.2)
-    assert find_pids("-daemon", str(port)) == []
+    assert wait_until(lambda: find_pids("-daemon", str(port)) == [], 5)
 
 
 # -- signals and restarts --------------------------------------------------------
@@ -151,14 +150,15 @@ def test_signal_ends_cleanly(start_ours, sig):
     s.close()
 
 
-def test_sigpipe_does_not_kill(start_ours):
-    """A peer that resets before its reply is written never kills the daemon."""
-    d = start_ours("-delay_write", "1")
+def test_peer_reset_before_reply_does_not_kill(start_ours):
+    """A peer that resets before its reply is written costs only its own
+    connection: the failed write is logged and the daemon serves on."""
+    d = start_ours("-delay_write", "1", "-d")
     s = connect(d.port)
     s.sendall(b"\x00\x01n")
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     s.close()
-    time.sleep(1.5)
+    assert wait_until(lambda: "failed to send NAMES_RESP" in d.stderr(), 10)
     assert d.alive()
     assert names(d.port)[0] == d.port
 

@@ -257,8 +257,10 @@ def test_silent_reader_bounded_and_loop_not_stalled(start_ours):
     silent.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     silent.connect(("127.0.0.1", d.port))
     silent.sendall(frame(b"n"))
-    time.sleep(0.5)
-    assert proc_fds(d.pid) == base + 1           # its reply is still being written
+    # its reply is still being written: the connection stays
+    assert wait_until(lambda: proc_fds(d.pid) == base + 1, 5)
+    time.sleep(0.3)
+    assert proc_fds(d.pid) == base + 1
     slowest = 0.0
     for i in (0, n // 2, n - 1):
         t0 = time.monotonic()

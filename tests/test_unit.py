@@ -64,16 +64,15 @@ def test_take_any_split_equals_whole(payload, cuts):
     """However a packet is cut into reads, framing gives the same result."""
     data = epmd.U16.pack(len(payload)) + payload
     c = conn()
-    pos, status = 0, epmd.INCOMPLETE
-    for n in cuts * 20:
-        if pos >= len(data):
-            break
-        chunk = data[pos:pos + min(n, c.read_size())]
+    pos, status, i = 0, epmd.INCOMPLETE, 0
+    while pos < len(data):
+        assert status == epmd.INCOMPLETE
+        chunk = data[pos:pos + min(cuts[i % len(cuts)], c.read_size())]
         pos += len(chunk)
+        i += 1
         status = c.take(chunk)
-    if pos >= len(data):
-        assert status == epmd.COMPLETE
-        assert c.buf[2:] == payload
+    assert status == epmd.COMPLETE
+    assert c.buf[epmd.HEADER_LEN:] == payload
 
 
 # -- UTF-8 --------------------------------------------------------------------
@@ -378,11 +377,36 @@ def test_systemd_listen_sockets_errors(env, message):
         epmd.systemd_listen_sockets(dict(env))
 
 
+class FakeSyslog:
+    """Stands in for the syslog module: records (priority, message)."""
+
+    LOG_ERR = 3
+
+    def __init__(self):
+        self.lines = []
+
+    def openlog(self, *args, **kwargs):
+        pass
+
+    def syslog(self, priority, message):
+        assert isinstance(message, str)
+        self.lines.append((priority, message))
+
+
 def test_daemon_log_takes_any_bytes():
-    """In daemon mode, names that are not UTF-8 reach syslog without error."""
-    log = epmd.DebugLog(0, is_daemon=True)
+    """In daemon mode, names that are not UTF-8 reach syslog as text (each
+    bad byte as U+FFFD), and nothing goes to stderr."""
+    out = io.BytesIO()
+    log = epmd.DebugLog(0, is_daemon=True, out=out)
+    log.syslog = fake = FakeSyslog()
     log.dbg_printf(0, "node name already occupied %s", b"bad\xff\xfe")
     log.dbg_perror(OSError(5, "I/O error"), "error in read %s", b"\xc0")
+    log.dbg_printf(1, "not at level 0")
+    log.dbg_tty_printf(0, "tty only")
+    assert [m for _, m in fake.lines] == ["epmd: node name already occupied bad\ufffd\ufffd",
+                                          "epmd: error in read \ufffd: I/O error"]
+    assert {p for p, _ in fake.lines} == {FakeSyslog.LOG_ERR}
+    assert out.getvalue() == b""
 
 
 def test_foreground_log_keeps_raw_bytes():
