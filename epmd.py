@@ -121,6 +121,13 @@ MAX_PACKET_LEN = INBUF_SIZE - 3     # 3057: largest L accepted (L + 2 < INBUF_SI
 FIRST_READ_SIZE = INBUF_SIZE - 1    # bytes asked for while L is unknown
 MAX_LISTEN_SOCKETS = 16
 CLOSE_TIMEOUT = 60                  # seconds: default -packet_timeout
+REQUEST_TIME_CAP = 5                # D13: a request must be complete within
+                                    # this many packet time-outs of its accept
+# Why 5: a slow but active client is served as by OTP (its own suite sends a
+# PORT_PLEASE2_REQ in four pieces one time-out apart: complete after 3
+# time-outs), with two time-outs to spare for the whole-second clock and a
+# loaded host; a trickle still leaves after at most 5 time-outs (5 minutes
+# at the default 60 s; OTP serves it for ever).
 IDLE_TIMEOUT = 5                    # seconds between idle wake-ups
 SHORT_IDLE_TIMEOUT = 1              # ... when packet_timeout < IDLE_TIMEOUT
 MAX_UNREG_COUNT = 1000              # old names remembered for their creation
@@ -633,17 +640,19 @@ class Connection:
 
     ``buf`` holds the bytes of the packet read so far (at most INBUF_SIZE),
     ``want`` the packet's total size with its 2-byte header once known (0
-    before), ``mod_time`` when the current phase began: the accept, then
-    the reply (integer seconds of the monotonic clock; OTP restarts it on
-    every read, D13), ``keep`` is true once an ALIVE2_REQ succeeded: the
+    before), ``mod_time`` the last activity: the accept, every read that
+    brought bytes, then the start of the reply (as OTP's), ``start_time``
+    the accept, from which the whole request must arrive within
+    REQUEST_TIME_CAP packet time-outs (D13; both in integer seconds of the
+    monotonic clock).  ``keep`` is true once an ALIVE2_REQ succeeded: the
     connection then lives as long as the node, with no packet time-out.
     ``out`` holds reply bytes the socket could not take yet; unless the
     connection is kept, it closes once they are written.  ``one_read`` is
     true when the request arrived in one read, so that read left nothing.
     """
 
-    __slots__ = ("sock", "fd", "local_peer", "keep", "want", "buf", "mod_time", "node",
-                 "out", "events", "one_read")
+    __slots__ = ("sock", "fd", "local_peer", "keep", "want", "buf", "mod_time", "start_time",
+                 "node", "out", "events", "one_read")
 
     def __init__(self, sock, fd, local_peer, now):
         self.sock = sock
@@ -653,6 +662,7 @@ class Connection:
         self.want = 0
         self.buf = b""
         self.mod_time = now
+        self.start_time = now       # D13: the request's total time counts from here
         self.node = None
         self.out = b""
         self.events = 0
@@ -991,8 +1001,10 @@ class Epmd:
     #      by do_write when a reply is waiting), which frames the packet and
     #      calls do_request when it is complete;
     #   3. time-outs: once a second, connections that are not registered
-    #      nodes and did not complete their request (or take their reply)
-    #      within packet_timeout seconds are closed.
+    #      nodes are closed when they brought no bytes (or did not take
+    #      their reply) for packet_timeout seconds, or, D13, when their
+    #      request is not complete REQUEST_TIME_CAP packet time-outs after
+    #      the accept.
     # Any exception raised while handling one connection is logged and only
     # that connection is closed; the loop itself never dies of a peer.
 
@@ -1052,18 +1064,33 @@ class Epmd:
 
     def check_timeouts(self):
         """Close connections that are not registered nodes once more than
-        packet_timeout seconds passed since they were accepted (or since
-        their reply began) without the request (or the reply) being done.
-        Runs once per second at most.  Source: the end of OTP's run; D13.
+        packet_timeout seconds passed since their last read that brought
+        bytes (or since their reply began) without the request (or the
+        reply) being done, as OTP does.  D13: in addition, a request not
+        complete more than REQUEST_TIME_CAP * packet_timeout seconds after
+        the accept is closed, however steadily its bytes trickle in (OTP
+        serves such a trickle for ever).  Runs once per second at most.
+        Source: the end of OTP's run.
         """
         now = self.current_time()
         if now == self.last_tick:
             return
         self.last_tick = now
         limit = now - self.packet_timeout
-        stale = [c for c in self.pending.values() if c.mod_time < limit]
-        for conn in stale:
+        cap = now - self.packet_timeout * REQUEST_TIME_CAP
+        idle = []
+        capped = []
+        for c in self.pending.values():
+            if c.mod_time < limit:
+                idle.append(c)
+            elif c.start_time < cap and not c.out:
+                capped.append(c)
+        for conn in idle:
             self.log.dbg_tty_printf(1, "closing because timed out on receive")
+            self.conn_close(conn)
+        for conn in capped:
+            self.log.dbg_tty_printf(1, "closing because request not complete within %d seconds",
+                                    self.packet_timeout * REQUEST_TIME_CAP)
             self.conn_close(conn)
 
     def current_time(self):
@@ -1280,12 +1307,13 @@ class Epmd:
             log.dbg_printf(0, "got %d bytes in packet, expected %d", conn.got - 2, conn.want - 2)
             self.conn_close(conn)
             return
+        # Note activity, as OTP: the packet time-out restarts on every read
+        # that brings bytes; once the packet is complete, the reply gets a
+        # packet time-out of its own.  D13: the request as a whole is still
+        # capped from the accept (start_time, check_timeouts).
+        conn.mod_time = self.current_time()
         if status == COMPLETE:
             conn.one_read = len(data) == conn.want
-            # D13: the time-out runs from the accept, not from the last read
-            # as in OTP, so a trickle cannot hold a slot; the reply gets a
-            # packet_timeout of its own.
-            conn.mod_time = self.current_time()
             payload = conn.buf[2:]
             conn.buf = b""
             self.do_request(conn, payload)
@@ -1697,8 +1725,10 @@ Daemon options
 
 DbgExtra options
     -packet_timeout Seconds
-        Close a connection that sends no complete request for this long
-        (default %(timeout)d).
+        Close a connection that sends nothing for this long before its
+        request is complete, or does not take its reply for this long
+        (default %(timeout)d), and one whose request is not complete
+        %(cap)d times this long after it was accepted.
     -delay_accept Seconds
         Sleep this long after every wake-up (simulates a busy daemon).
     -delay_write Seconds
@@ -1827,7 +1857,7 @@ def usage(msg=None):
     if msg:
         sys.stderr.write("epmd: %s\n" % msg)
     sys.stderr.write(USAGE % {"port": EPMD_PORT_NO, "debug_unreg": DEBUG_MAX_UNREG_COUNT,
-                              "timeout": CLOSE_TIMEOUT})
+                              "timeout": CLOSE_TIMEOUT, "cap": REQUEST_TIME_CAP})
     sys.stderr.flush()
     return 1
 
