@@ -158,6 +158,13 @@ MAX_PACKET_LEN = INBUF_SIZE - HEADER_LEN - 1  # 3057: largest L (L + 2 < INBUF_S
 FIRST_READ_SIZE = INBUF_SIZE - 1    # bytes asked for while L is unknown
 MAX_LISTEN_SOCKETS = 16
 CLOSE_TIMEOUT = 60                  # seconds: default -packet_timeout
+REQUEST_TIME_CAP = 5                # D13: a request must be complete within
+                                    # this many packet time-outs of its accept
+# Why 5: a slow but active client is served as by OTP (its own suite sends a
+# PORT_PLEASE2_REQ in four pieces one time-out apart: complete after 3
+# time-outs), with two time-outs to spare for the whole-second clock and a
+# loaded host; a trickle still leaves after at most 5 time-outs (5 minutes
+# at the default 60 s; OTP serves it for ever).
 IDLE_TIMEOUT = 5                    # seconds between idle wake-ups
 SHORT_IDLE_TIMEOUT = 1              # ... when packet_timeout < IDLE_TIMEOUT
 MAX_UNREG_COUNT = 1000              # old names remembered for their creation
@@ -687,17 +694,19 @@ class Connection:
     above), changed only by Epmd.set_state.  ``buf`` holds the bytes of
     the packet read so far (at most INBUF_SIZE), ``want`` the packet's
     total size with its HEADER_LEN-byte header once known (0 before).
-    ``mod_time`` is when the current time-out began: the accept, then the
-    reply (integer seconds of the monotonic clock; OTP restarts it on every
-    read, D13).  ``node`` is the Node this connection registered, set and
-    cleared by NodeTable only.  ``out`` holds reply bytes the socket could
-    not take yet.  ``one_read`` is true when the request arrived in one
-    read, so that read left nothing unread.  ``events`` are the selector
-    events it is registered for (0: not registered).
+    ``mod_time`` is the last activity: the accept, every read that brought
+    bytes, then the start of the reply (as OTP's); ``start_time`` the
+    accept, from which the whole request must arrive within
+    REQUEST_TIME_CAP packet time-outs (D13; both in integer seconds of the
+    monotonic clock).  ``node`` is the Node this connection registered, set
+    and cleared by NodeTable only.  ``out`` holds reply bytes the socket
+    could not take yet.  ``one_read`` is true when the request arrived in
+    one read, so that read left nothing unread.  ``events`` are the
+    selector events it is registered for (0: not registered).
     """
 
-    __slots__ = ("sock", "fd", "local_peer", "state", "want", "buf", "mod_time", "node",
-                 "out", "events", "one_read")
+    __slots__ = ("sock", "fd", "local_peer", "state", "want", "buf", "mod_time", "start_time",
+                 "node", "out", "events", "one_read")
 
     def __init__(self, sock, fd, local_peer, now):
         self.sock = sock
@@ -707,6 +716,7 @@ class Connection:
         self.want = 0
         self.buf = b""
         self.mod_time = now
+        self.start_time = now       # D13: the request's total time counts from here
         self.node = None
         self.out = b""
         self.events = 0
@@ -1062,10 +1072,12 @@ class Epmd:
     #     packet and calls do_request once it is complete.
     # After the ready sockets: listeners paused by EMFILE are resumed when
     # their pause is over (D2), and check_timeouts closes, at most once a
-    # second, the timed connections (READING, REPLYING) whose time is up.
-    # Any exception raised while handling one connection is logged with its
-    # traceback and only that connection is closed; the loop never dies of
-    # a peer.
+    # second, the timed connections (READING, REPLYING) that brought no
+    # bytes (or took none of their reply) for packet_timeout seconds, or,
+    # D13, whose request is not complete REQUEST_TIME_CAP packet time-outs
+    # after the accept.  Any exception raised while handling one connection
+    # is logged with its traceback and only that connection is closed; the
+    # loop never dies of a peer.
 
     def run(self):
         """Serve until KILL_REQ or a signal; return the exit status.
@@ -1121,19 +1133,33 @@ class Epmd:
             self.drop(conn)
 
     def check_timeouts(self):
-        """Close the timed connections (READING, REPLYING) that spent more
-        than packet_timeout seconds since they were accepted (or since
-        their reply began) without the request (or the reply) being done.
-        Runs once per second at most.  Source: the end of OTP's run; D13.
+        """Close the timed connections (READING, REPLYING) that brought no
+        bytes for more than packet_timeout seconds (or took none of their
+        reply since it began), as OTP does.  D13: in addition, a request
+        not complete more than REQUEST_TIME_CAP * packet_timeout seconds
+        after the accept is closed, however steadily its bytes trickle in
+        (OTP serves such a trickle for ever).  Runs once per second at most.
+        Source: the end of OTP's run.
         """
         now = self.clock()
         if now == self.last_tick:
             return
         self.last_tick = now
         limit = now - self.packet_timeout
-        stale = [c for c in self.pending.values() if c.mod_time < limit]
-        for conn in stale:
+        cap = now - self.packet_timeout * REQUEST_TIME_CAP
+        idle = []
+        capped = []
+        for c in self.pending.values():
+            if c.mod_time < limit:
+                idle.append(c)
+            elif c.start_time < cap and not c.out:
+                capped.append(c)
+        for conn in idle:
             self.log.dbg_tty_printf(1, "closing because timed out on receive")
+            self.epmd_conn_close(conn)
+        for conn in capped:
+            self.log.dbg_tty_printf(1, "closing because request not complete within %d seconds",
+                                    self.packet_timeout * REQUEST_TIME_CAP)
             self.epmd_conn_close(conn)
 
     def clock(self):
@@ -1377,15 +1403,19 @@ class Epmd:
                            conn.got - HEADER_LEN, conn.want - HEADER_LEN)
             self.epmd_conn_close(conn)
             return
+        if status == INCOMPLETE:
+            # As OTP, the packet time-out restarts on every read that brings
+            # bytes (a complete request's reply gets one of its own from
+            # set_state).  D13: the request as a whole stays capped from
+            # the accept (start_time, check_timeouts).
+            conn.mod_time = self.clock()
+            return
         if status == COMPLETE:
             conn.one_read = len(data) == conn.want
             payload = conn.buf[HEADER_LEN:]
             conn.buf = b""
             self.do_request(conn, payload)
             if conn.state is READING:
-                # D13: the time-out runs from the accept, not from the last
-                # read as in OTP, so a trickle cannot hold a slot; the reply
-                # gets a packet_timeout of its own (set_state starts it).
                 self.set_state(conn, REPLYING if conn.out else CLOSED)
 
     # -- requests -----------------------------------------------------------
@@ -1789,8 +1819,10 @@ Daemon options
 
 DbgExtra options
     -packet_timeout Seconds
-        Close a connection that sends no complete request for this long
-        (default %(timeout)d).
+        Close a connection that sends nothing for this long before its
+        request is complete, or does not take its reply for this long
+        (default %(timeout)d), and one whose request is not complete
+        %(cap)d times this long after it was accepted.
     -delay_accept Seconds
         Sleep this long after every wake-up (simulates a busy daemon).
     -delay_write Seconds
@@ -1919,7 +1951,7 @@ def usage(msg=None):
     if msg:
         sys.stderr.write("epmd: %s\n" % msg)
     sys.stderr.write(USAGE % {"port": EPMD_PORT_NO, "debug_unreg": DEBUG_MAX_UNREG_COUNT,
-                              "timeout": CLOSE_TIMEOUT})
+                              "timeout": CLOSE_TIMEOUT, "cap": REQUEST_TIME_CAP})
     sys.stderr.flush()
     return 1
 
