@@ -328,3 +328,121 @@ def test_syslog_unreachable():
         s.close()
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+# -- the man page --------------------------------------------------------------
+
+def man_text():
+    """man/epmd.1 as a reader sees it (mandoc's plain-text rendering)."""
+    mandoc = shutil.which("mandoc")
+    if not mandoc:
+        need("mandoc", "mandoc")
+    out = subprocess.run([mandoc, "-Tutf8", "-Owidth=1000", str(ROOT / "man" / "epmd.1")],
+                         capture_output=True, timeout=30, check=True).stdout.decode()
+    text = re.sub(r".\x08", "", out)            # overstrike: bold and underline
+    return re.sub(r"[ \t]+", " ", text)
+
+
+def test_man_page_headings_and_option_tags():
+    """The first heading reads NAME; option tags keep their spaces
+    (``-d, -debug``) and put arguments in italics, not bold."""
+    roff = (ROOT / "man" / "epmd.1").read_text()
+    assert re.findall(r"^\.SH (.*)$", roff, re.M)[:2] == ["NAME", "SYNOPSIS"]
+    assert "\\fB\\-d\\fP, \\fB\\-debug\\fP" in roff
+    assert "\\fB\\-port\\fP \\fIno\\fP" in roff
+    text = man_text()
+    assert "\nNAME\n" in text
+    assert " -d, -debug\n" in text and "-d,-debug" not in text
+    assert " -h, -help, --help\n" in text
+
+
+def test_man_page_says_what_otps_says():
+    """What OTP's page tells and ours must too: erl starts epmd itself;
+    -relaxed_command_check given to a client has no effect; all nodes of a
+    cluster use the same port; -stop's ``<>`` and ``NOEXIST`` explained."""
+    text = " ".join(man_text().split())
+    assert "erl(1), started with -sname or -name, starts the epmd of its own Erlang installation" in text
+    assert "-start_epmd false" in text
+    assert "Given to a client (with -kill or -stop) it has no effect" in text
+    assert "All the nodes of a cluster must use the same epmd port" in text
+    assert "the client prints that answer without its STOPPED: NOEXIST (exit 0)" in text
+    assert "epmd: local epmd responded with <>, the empty answer between the brackets (exit 1)" in text
+
+
+def test_relaxed_check_given_to_a_client_has_no_effect(start_epmd):
+    """What the man page says, shown with both clients: -kill and -stop with
+    -relaxed_command_check, against a daemon started without it, are
+    refused with OTP's texts and exit codes, and the node stays."""
+    d = start_epmd()
+    s, _ = register(d.port, "stay")
+    try:
+        for which in ("py", "otp"):
+            assert run(which, ["-relaxed_command_check", "-port", str(d.port), "-kill"]) == (
+                1, b"Killing not allowed - living nodes in database.\n", b"")
+            assert run(which, ["-relaxed_command_check", "-port", str(d.port), "-stop", "stay"]) == (
+                1, b"epmd: local epmd responded with <>\n", b"")
+            assert run(which, ["-port", str(d.port), "-stop", "stay"],
+                       env=base_env(ERL_EPMD_RELAXED_COMMAND_CHECK="")) == (
+                1, b"epmd: local epmd responded with <>\n", b"")
+            assert registered(d.port) == [b"stay"]
+    finally:
+        s.close()
+
+
+# -- README's quick start ------------------------------------------------------------
+
+def readme_section(title):
+    text = (ROOT / "README.md").read_text()
+    m = re.search(r"^#+ %s\n(.*?)(?=^#+ )" % re.escape(title), text, re.S | re.M)
+    assert m, title
+    return m.group(1)
+
+
+def sh_blocks(section):
+    """The commands of the ```sh blocks of *section*, one per non-comment line."""
+    return [line for block in re.findall(r"```sh\n(.*?)```", section, re.S)
+            for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_readme_quick_start(tmp_path):
+    """README's quick start, its three commands run as written (through
+    sh, in the source directory) with ERL_EPMD_PORT set to a free port, as
+    the quick start says to choose another port: the daemon starts and
+    prints nothing, the check answers "up and running", the node registers
+    (and the check lists it)."""
+    if not shutil.which("erl"):
+        need("erl")
+    daemon_cmd, check_cmd, node_cmd = sh_blocks(readme_section("Quick start"))
+    assert "4369" not in daemon_cmd + check_cmd + node_cmd
+    port = free_port()
+    env = base_env(ERL_EPMD_PORT=str(port), HOME=str(tmp_path))
+    out = tmp_path / "daemon.out"
+    with open(out, "wb") as f:
+        daemon = subprocess.Popen(["sh", "-c", "exec " + daemon_cmd], cwd=ROOT, env=env,
+                                  stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
+    node = None
+    try:
+        assert wait_until(lambda: serving(port), 10), out.read_bytes()
+
+        def check():
+            p = subprocess.run(["sh", "-c", check_cmd], cwd=ROOT, env=env, capture_output=True,
+                               timeout=30)
+            assert p.returncode == 0 and p.stderr == b"", p
+            return p.stdout
+        assert check() == b"epmd: up and running on port %d with data:\n" % port
+        node = subprocess.Popen(["sh", "-c", "exec " + node_cmd], cwd=tmp_path, env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        assert wait_until(lambda: registered(port) == [b"a"], 30)
+        assert re.fullmatch(rb"epmd: up and running on port %d with data:\nname a at port \d+\n" % port,
+                            check())
+        node.stdin.write(b"halt().\n")
+        node.stdin.close()
+        assert node.wait(30) == 0
+        assert wait_until(lambda: registered(port) == [], 5)
+        assert out.read_bytes() == b""          # "It prints nothing while all is well."
+    finally:
+        for p in (node, daemon):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(5)

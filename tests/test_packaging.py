@@ -90,7 +90,7 @@ def test_make_install_and_uninstall(tmp_path):
     exe = dest / "usr" / "bin" / "epmd"
     page = dest / "usr" / "share" / "man" / "man1" / "epmd.1"
     assert exe.is_file() and os.access(exe, os.X_OK)
-    assert exe.read_bytes().startswith(b"#!/usr/bin/env python3\n")
+    assert exe.read_bytes().startswith(b"#!/usr/bin/python3\n")
     assert page.read_bytes() == MAN_PAGE.read_bytes()
     port = free_port()
     d = subprocess.Popen([str(exe), "-port", str(port), "-address", "127.0.0.1"], env=base_env(),
@@ -105,6 +105,7 @@ def test_make_install_and_uninstall(tmp_path):
         d.wait(5)
     subprocess.run(make + ["uninstall"], check=True, capture_output=True, timeout=60)
     assert not exe.exists() and not page.exists()
+    assert not list((dest / "usr" / "lib" / "systemd" / "system").iterdir())
 
 
 def _names(port, host="127.0.0.1"):
