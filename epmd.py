@@ -1893,17 +1893,15 @@ def set_process_name(name=PROCESS_NAME, comm_path=PROC_COMM):
         return False
 
 
-def open_syslog(module=None):
-    """Open syslog for the daemon's log: tag ``epmd``, no PID, facility user,
-    as OTP's daemon logs (it never calls openlog(), so glibc tags its lines
-    with the program name, ``epmd``); return the module.  Without this,
-    Python tags lines with the script's name, ``epmd.py``.
-    *module* stands in for the syslog module in unit tests.
+def open_syslog():
+    """Open syslog for the daemon's log and return the syslog module: tag
+    ``epmd``, no PID, facility user, as OTP's daemon logs (it never calls
+    openlog(), so glibc tags its lines with the program name, ``epmd``).
+    Without this, Python tags lines with the script's name, ``epmd.py``.
     """
-    if module is None:
-        import syslog as module
-    module.openlog(SYSLOG_IDENT, 0, module.LOG_USER)
-    return module
+    import syslog
+    syslog.openlog(SYSLOG_IDENT, 0, syslog.LOG_USER)
+    return syslog
 
 
 def syslog_unreachable(path=SYSLOG_PATH):
@@ -2069,6 +2067,8 @@ def main(argv=None):
         return stop_cli(port, opts["stop_name"])
     epmd = make_daemon(opts)
     if opts["daemon"]:
+        # D15: say before detaching that syslog will swallow every line
+        # (OTP's -daemon says nothing).
         why = syslog_unreachable()
         if why is not None:
             sys.stderr.write("epmd: warning: no syslog at %s (%s): with -daemon, every log line, "
