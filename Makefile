@@ -5,7 +5,12 @@
 #   make man                       regenerate man/epmd.1 from man/epmd.rst
 #   make soak                      long reliability runs (1M churn cycles, 1M fuzz packets)
 #   make bench                     performance figures, side by side with OTP's epmd
-#   make install [PREFIX=/usr/local] [DESTDIR=] [BINDIR=] [MANDIR=]
+#   make install [PREFIX=/usr/local] [DESTDIR=] [BINDIR=] [MANDIR=] [SYSTEMDUNITDIR=]
+#                [PYTHON=/usr/bin/python3]
+#                                  the program as BINDIR/epmd, its first line
+#                                  #!PYTHON (an absolute path; /usr/bin/python3
+#                                  unless PYTHON is given), the man page, and
+#                                  the systemd units with ExecStart=BINDIR/epmd
 #   make uninstall                 (same variables)
 
 PYTHON ?= python3
@@ -16,8 +21,17 @@ PYTEST_ARGS ?=
 PREFIX ?= /usr/local
 BINDIR ?= $(PREFIX)/bin
 MANDIR ?= $(PREFIX)/share/man
+# systemd reads units from /usr/local/lib/systemd/system before the
+# distribution's /usr/lib/systemd/system, so the default prefix shadows the
+# units an Erlang package ships under the same names.
+SYSTEMDUNITDIR ?= $(PREFIX)/lib/systemd/system
 DESTDIR ?=
 INSTALL ?= install
+# The interpreter in the installed script's first line: PYTHON when given on
+# the command line or in the environment, else /usr/bin/python3 (a direct
+# path, as Debian's policy wants, rather than /usr/bin/env).
+INSTALL_PYTHON = $(if $(filter command line environment environment override,$(origin PYTHON)),$(PYTHON),/usr/bin/python3)
+UNITS = epmd.service epmd.socket
 
 LINT_DEPS = ruff mypy vermin
 
@@ -53,12 +67,20 @@ man: $(VENV)/.stamp
 	$(VPY) man/build.py
 
 install:
-	$(INSTALL) -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR)/man1
-	$(INSTALL) -m 755 epmd.py $(DESTDIR)$(BINDIR)/epmd
+	@case "$(INSTALL_PYTHON)" in /*) ;; *) echo "PYTHON must be an absolute path, not $(INSTALL_PYTHON)" >&2; exit 1;; esac
+	$(INSTALL) -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(SYSTEMDUNITDIR)
+	sed '1s|^#!.*|#!$(INSTALL_PYTHON)|' epmd.py > $(DESTDIR)$(BINDIR)/epmd.tmp
+	chmod 755 $(DESTDIR)$(BINDIR)/epmd.tmp
+	mv -f $(DESTDIR)$(BINDIR)/epmd.tmp $(DESTDIR)$(BINDIR)/epmd
 	$(INSTALL) -m 644 man/epmd.1 $(DESTDIR)$(MANDIR)/man1/epmd.1
+	sed 's|^ExecStart=/usr/bin/epmd |ExecStart=$(BINDIR)/epmd |' contrib/systemd/epmd.service \
+		> $(DESTDIR)$(SYSTEMDUNITDIR)/epmd.service
+	$(INSTALL) -m 644 contrib/systemd/epmd.socket $(DESTDIR)$(SYSTEMDUNITDIR)/epmd.socket
+	chmod 644 $(DESTDIR)$(SYSTEMDUNITDIR)/epmd.service
 
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/epmd $(DESTDIR)$(MANDIR)/man1/epmd.1
+	rm -f $(addprefix $(DESTDIR)$(SYSTEMDUNITDIR)/,$(UNITS))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache build *.egg-info

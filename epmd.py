@@ -264,8 +264,7 @@ class DebugLog:
         if self.is_daemon:
             if to_syslog:
                 if self.syslog is None:
-                    import syslog
-                    self.syslog = syslog
+                    self.syslog = open_syslog()
                 # syslog takes text: bytes that are not UTF-8 become U+FFFD
                 line = ("epmd: %s" % msg).encode("utf-8", "surrogateescape")
                 self.syslog.syslog(self.syslog.LOG_ERR, line.decode("utf-8", "replace"))
@@ -1797,6 +1796,7 @@ USAGE = """\
 usage: epmd [-d|-debug] [DbgExtra...] [-address List]
             [-port No] [-daemon] [-relaxed_command_check] [-systemd]
        epmd [-d|-debug] [-port No] [-names|-dump|-started|-kill|-stop Name]
+       epmd -h|-help|--help|-version|--version
 
 epmd.py, the Erlang port mapper daemon; see epmd(1).
 
@@ -1840,6 +1840,12 @@ Client options (talk to the epmd on -port)
         it runs with -relaxed_command_check).
     -stop Name
         Unregister Name by force (only with -relaxed_command_check).
+
+Other options
+    -h, -help, --help
+        Print this text on stdout and exit 0.
+    -version, --version
+        Print the version of epmd.py and exit 0.
 """
 
 # Flags: name -> (option key, takes a value).  Read by usage tests and the man page test.
@@ -1863,6 +1869,25 @@ CLIENT_FLAGS = {
     "-stop": ("stop", True),
 }
 ALL_FLAGS = dict(DAEMON_FLAGS, **CLIENT_FLAGS)
+# D14: requests for help and the version, answered on stdout with exit 0
+# (OTP's epmd knows neither: "unknown option", usage on stderr, exit 1).
+INFO_FLAGS = {
+    "-h": "help",
+    "-help": "help",
+    "--help": "help",
+    "-version": "version",
+    "--version": "version",
+}
+
+# The process name (/proc/PID/comm, what `pgrep -x`, `ps -C`, `killall` and
+# the journal match): "epmd", as OTP's binary, not "python3".
+PROCESS_NAME = b"epmd"
+PROC_COMM = "/proc/self/comm"
+PR_SET_NAME = 15                    # linux/prctl.h
+# syslog, with -daemon: the tag of OTP's lines (glibc's default, its program
+# name), and the socket glibc's syslog() writes to (_PATH_LOG).
+SYSLOG_IDENT = "epmd"
+SYSLOG_PATH = "/dev/log"
 
 
 class UsageError(Exception):
@@ -1898,6 +1923,8 @@ def parse_args(argv, environ):
     Returns a dict of options: port, address, debug, daemon, relaxed,
     systemd, packet_timeout, delay_accept, delay_write, and action (None,
     "names", "dump", "started", "kill" or "stop") with stop_name (bytes).
+    A request for help or the version (INFO_FLAGS) returns at once with
+    action "help" or "version".
     Environment first (ERL_EPMD_PORT, ERL_EPMD_ADDRESS,
     ERL_EPMD_RELAXED_COMMAND_CHECK), flags override it.  D11: client
     actions may stand anywhere.  Raises UsageError.
@@ -1913,6 +1940,9 @@ def parse_args(argv, environ):
     i = 0
     while i < len(argv):
         arg = argv[i]
+        if arg in INFO_FLAGS:
+            opts["action"] = INFO_FLAGS[arg]     # D14: wins over everything else
+            return opts
         spec = ALL_FLAGS.get(arg)
         if spec is None:
             raise UsageError("unknown option %r" % arg)
@@ -1946,14 +1976,76 @@ def parse_args(argv, environ):
     return opts
 
 
-def usage(msg=None):
-    """Print *msg* (if any) and the usage text on stderr; return 1."""
+def usage(msg=None, out=None):
+    """Print *msg* (if any) and the usage text on stderr; return 1.
+
+    With *out* (a text stream), print only the usage text there and return
+    0: the answer to -h, -help and --help (D14).
+    """
+    text_ = USAGE % {"port": EPMD_PORT_NO, "debug_unreg": DEBUG_MAX_UNREG_COUNT,
+                     "timeout": CLOSE_TIMEOUT, "cap": REQUEST_TIME_CAP}
+    if out is not None:
+        out.write(text_)
+        out.flush()
+        return 0
     if msg:
         sys.stderr.write("epmd: %s\n" % msg)
-    sys.stderr.write(USAGE % {"port": EPMD_PORT_NO, "debug_unreg": DEBUG_MAX_UNREG_COUNT,
-                              "timeout": CLOSE_TIMEOUT, "cap": REQUEST_TIME_CAP})
+    sys.stderr.write(text_)
     sys.stderr.flush()
     return 1
+
+
+def set_process_name(name=PROCESS_NAME, comm_path=PROC_COMM):
+    """Name this process *name* (bytes, at most 15) for `pgrep -x`, `ps -C`,
+    `killall` and the journal, as OTP's binary is named; return True if done.
+
+    Writes /proc/self/comm; where /proc is not mounted, calls
+    prctl(PR_SET_NAME) through ctypes.  Never raises: without /proc, libc,
+    prctl or ctypes (not Linux, a minimal Python), the name stays.
+    """
+    try:
+        with open(comm_path, "wb") as f:
+            f.write(name)
+        return True
+    except OSError:
+        pass
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0) == 0
+    except Exception:       # ImportError, OSError, AttributeError: no such call here
+        return False
+
+
+def open_syslog():
+    """Open syslog for the daemon's log and return the syslog module: tag
+    ``epmd``, no PID, facility user, as OTP's daemon logs (it never calls
+    openlog(), so glibc tags its lines with the program name, ``epmd``).
+    Without this, Python tags lines with the script's name, ``epmd.py``.
+    """
+    import syslog
+    syslog.openlog(SYSLOG_IDENT, 0, syslog.LOG_USER)
+    return syslog
+
+
+def syslog_unreachable(path=SYSLOG_PATH):
+    """Return why syslog(3) cannot deliver to *path* (a str), or None if it can.
+
+    glibc's syslog() sends datagrams to /dev/log (trying a stream socket
+    when the datagram connect fails) and silently drops every line when
+    neither connects: most containers have no /dev/log.
+    """
+    reasons = []
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        s = socket.socket(socket.AF_UNIX, kind)
+        try:
+            s.connect(path)
+            return None
+        except OSError as e:
+            reasons.append(e.strerror or str(e))
+        finally:
+            s.close()
+    return reasons[0]
 
 
 def make_daemon(opts):
@@ -1995,9 +2087,12 @@ def serve(epmd, ready=None):
         ready(0, "")
     # A peer that goes away before its reply must not kill us (OTP's run()
     # ignores SIGPIPE too); SIGTERM and SIGINT end the loop cleanly, exit 0.
+    # A SIGINT inherited as ignored (a background job of a script) stays
+    # ignored, as in OTP's daemon, which never touches SIGINT.
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, _terminate)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _terminate)
     code = 0
     try:
         code = epmd.run()
@@ -2084,6 +2179,13 @@ def main(argv=None):
     except UsageError as e:
         return usage(str(e))
     action = opts["action"]
+    if action == "help":
+        return usage(out=sys.stdout)
+    if action == "version":
+        sys.stdout.write("epmd.py %s\n" % __version__)
+        sys.stdout.flush()
+        return 0
+    set_process_name()
     port = opts["port"]
     if action == "names":
         return epmd_call(port, NAMES_REQ)
@@ -2097,6 +2199,13 @@ def main(argv=None):
         return stop_cli(port, opts["stop_name"])
     epmd = make_daemon(opts)
     if opts["daemon"]:
+        # D15: say before detaching that syslog will swallow every line
+        # (OTP's -daemon says nothing).
+        why = syslog_unreachable()
+        if why is not None:
+            sys.stderr.write("epmd: warning: no syslog at %s (%s): with -daemon, every log line, "
+                             "errors included, is discarded\n" % (SYSLOG_PATH, why))
+            sys.stderr.flush()
         return run_daemon(epmd)
     return serve(epmd)
 

@@ -188,7 +188,7 @@ def test_short_or_odd_answers(answer, action, expected):
 # -- usage ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("args", [
-    ["-bogus"], ["-help"], ["-port"], ["-port", "0"], ["-port", "abc"], ["-packet_timeout", "0"],
+    ["-bogus"], ["-port"], ["-port", "0"], ["-port", "abc"], ["-packet_timeout", "0"],
     ["-delay_accept", "0"], ["-delay_write"], ["-stop"], ["-stop", "a", "b"], ["-address"],
 ])
 def test_usage(args):

@@ -352,7 +352,7 @@ def test_parse_args_actions_anywhere():
 
 @pytest.mark.parametrize("argv", [
     ["-port"], ["-port", "0"], ["-port", "abc"], ["-port", "70000"], ["-packet_timeout", "0"],
-    ["-delay_write", "x"], ["-bogus"], ["-stop"], ["-names", "-kill"], ["-help"],
+    ["-delay_write", "x"], ["-bogus"], ["-stop"], ["-names", "-kill"],
 ])
 def test_parse_args_usage_errors(argv):
     with pytest.raises(epmd.UsageError):
