@@ -161,6 +161,7 @@ DUMP_OLD_LINE = b"old/unused name <%s>, port = %d, fd = %d \n\0"
 
 SD_READY = "READY=1\nSTATUS=Processing port mapping requests...\nMAINPID=%d"
 SD_EXITED = "STATUS=Exited.\nERRNO=%d"
+SD_RELOADING = "RELOADING=1\nSTATUS=Handing over to a new image...\nMONOTONIC_USEC=%d"
 
 # ---------------------------------------------------------------------------
 # Debug output (OTP epmd.c: dbg_printf, dbg_tty_printf, dbg_perror;
@@ -898,6 +899,475 @@ def sd_notify(state, environ=os.environ):
 
 
 # ---------------------------------------------------------------------------
+# Hand-over: restart without loss (no OTP counterpart)
+# ---------------------------------------------------------------------------
+#
+# A node's registration is its TCP connection to epmd, so a restart of OTP's
+# epmd unregisters every node on the host.  On SIGUSR2 epmd.py re-executes
+# itself in place (same PID, the program file read again from disk) and hands
+# the new image everything it holds (D14):
+#
+#   old image                               new image (same PID)
+#   ---------                               --------------------
+#   SIGUSR2 -> reexec_wanted, wake-up byte
+#   end of the wake-up: reexec()
+#     the new file must compile, else stay
+#     [-systemd: RELOADING=1]
+#     handover_state(): the walk over
+#       the connections
+#     state -> memfd; listeners, connections
+#       and memfd made inheritable
+#     execve(python, script, same argv,       main(): $EPMD_PY_HANDOVER names the
+#       $EPMD_PY_HANDOVER)  ------------->      fds; the state is read (or, if it
+#     (execve failed: log, keep serving)        cannot be, only the listeners kept)
+#                                             bind(): adopt_listeners()
+#                                             run(): handover_resume() rebuilds
+#                                               nodes and connections, then serves
+#                                             [-systemd: READY=1]
+#
+# The listening sockets are never closed, so the kernel queues connections
+# while the new image starts; nothing is refused.  Connections in flight are
+# handed over with their buffers (the part of a request read so far, the part
+# of a reply not yet written): the new image carries on where the old one
+# stopped.  A node whose connection closed meanwhile reads as EOF in the new
+# image's first wake-up and is unregistered then.
+#
+# The state (bytes):
+#   HANDOVER_HEADER: 12s magic "EPMDPY-STATE", u16 format version, u32 body
+#   length (bytes), u32 CRC-32 of the body; then the body, UTF-8 JSON:
+#   {"options": {...}, "listeners": [fd, ...],
+#    "conns": [{"fd", "local_peer", "mod_time", "want", "buf", "out",
+#               "one_read", "keep"}, ...],
+#    "nodes": [NODE, ...] (registration order), "unreg": [NODE, ...] (oldest
+#    first), "fdstore": {...} or null}
+#   NODE: {"name", "fd", "port", "nodetype", "protocol", "highvsn", "lowvsn",
+#          "extra", "cr_counter"}; bytes (names, extras, buffers) as base64.
+# $EPMD_PY_HANDOVER: "<version> state=<fd> listen=<fd>,... conns=<fd>,...",
+# so that even a new image that cannot read the state knows which of its
+# descriptors are listeners (kept) and which are connections (closed).
+
+HANDOVER_ENV = "EPMD_PY_HANDOVER"
+HANDOVER_VERSION = 1
+HANDOVER_MAGIC = b"EPMDPY-STATE"
+HANDOVER_HEADER = struct.Struct(">12sHII")  # magic, version, body length, crc32
+HANDOVER_OPTIONS = ("port", "addresses", "relaxed", "packet_timeout", "delay_accept",
+                    "delay_write", "systemd")
+HANDOVER_NODE_INTS = ("fd", "port", "nodetype", "protocol", "highvsn", "lowvsn", "cr_counter")
+
+
+class HandoverError(ValueError):
+    """State handed over by the previous image that cannot be used: wrong
+    magic or format version, truncated, corrupt (CRC-32), or malformed."""
+
+
+def handover_supported(platform=None):
+    """True where the re-exec hand-over works: Linux (memfd_create, fds kept
+    across execve).  Elsewhere SIGUSR2 is refused with a log line."""
+    platform = sys.platform if platform is None else platform
+    return platform.startswith("linux") and hasattr(os, "memfd_create")
+
+
+def _b64(data):
+    import base64
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text_):
+    import base64
+    import binascii
+    try:
+        return base64.b64decode(text_.encode("ascii"), validate=True)
+    except (AttributeError, UnicodeError, binascii.Error) as e:
+        raise HandoverError("bad base64 field: %s" % e) from None
+
+
+def node_record(node):
+    """Return the JSON-able record of a Node (see the state layout above)."""
+    rec = {k: getattr(node, k) for k in HANDOVER_NODE_INTS}
+    rec["name"] = _b64(node.name)
+    rec["extra"] = _b64(node.extra)
+    return rec
+
+
+def node_from_record(rec):
+    """Return a Node (no connection) from node_record's output; raises
+    HandoverError for a missing or ill-typed field."""
+    try:
+        node = Node(_unb64(rec["name"]), int(rec["cr_counter"]) & CREATION_MASK)
+        for k in HANDOVER_NODE_INTS[:-1]:
+            value = rec[k]
+            if not isinstance(value, int):
+                raise HandoverError("node field %s is not an integer" % k)
+            setattr(node, k, value)
+        node.extra = _unb64(rec["extra"])
+    except (KeyError, TypeError) as e:
+        raise HandoverError("bad node record: %r" % e) from None
+    return node
+
+
+def pack_state(state):
+    """Return the bytes of the state dict *state*: HANDOVER_HEADER then the
+    JSON body (see the layout above)."""
+    import json
+    import zlib
+    body = json.dumps(state, separators=(",", ":")).encode("utf-8")
+    return HANDOVER_HEADER.pack(HANDOVER_MAGIC, HANDOVER_VERSION, len(body),
+                                zlib.crc32(body)) + body
+
+
+def unpack_state(data):
+    """Return the state dict packed by pack_state.  Raises HandoverError for
+    another magic or format version, a short or corrupt body, bad JSON."""
+    import json
+    import zlib
+    if len(data) < HANDOVER_HEADER.size:
+        raise HandoverError("state too short (%d bytes)" % len(data))
+    magic, version, size, crc = HANDOVER_HEADER.unpack_from(data)
+    if magic != HANDOVER_MAGIC:
+        raise HandoverError("not an epmd.py state")
+    if version != HANDOVER_VERSION:
+        raise HandoverError("state format version %d, this image reads %d"
+                            % (version, HANDOVER_VERSION))
+    body = data[HANDOVER_HEADER.size:HANDOVER_HEADER.size + size]
+    if len(body) != size or zlib.crc32(body) != crc:
+        raise HandoverError("state corrupt (length or CRC-32 mismatch)")
+    try:
+        state = json.loads(body.decode("utf-8"))
+    except ValueError as e:
+        raise HandoverError("state is not valid JSON: %s" % e) from None
+    if not isinstance(state, dict):
+        raise HandoverError("state is not a JSON object")
+    return state
+
+
+def write_state_fd(data):
+    """Return a new memfd (inheritable, offset 0) holding *data*."""
+    fd = os.memfd_create("epmd-handover", 0)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_state_fd(fd):
+    """Return all bytes of descriptor *fd* from offset 0 (the caller closes it)."""
+    chunks = []
+    offset = 0
+    while True:
+        data = os.pread(fd, 1 << 20, offset)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+        offset += len(data)
+
+
+def format_handover_env(state_fd, listen_fds, conn_fds):
+    """Return $EPMD_PY_HANDOVER for these descriptors (see above)."""
+    return "%d state=%d listen=%s conns=%s" % (
+        HANDOVER_VERSION, state_fd, ",".join(map(str, listen_fds)), ",".join(map(str, conn_fds)))
+
+
+def parse_handover_env(value):
+    """Parse $EPMD_PY_HANDOVER; return (version, state fd, listening fds,
+    connection fds).  Raises HandoverError when it is malformed."""
+    try:
+        version, *fields = value.split(" ")
+        kv = dict(f.split("=", 1) for f in fields)
+        fds = [[int(x) for x in kv[k].split(",") if x] for k in ("listen", "conns")]
+        return int(version), int(kv["state"]), fds[0], fds[1]
+    except (ValueError, KeyError) as e:
+        raise HandoverError("bad %s=%r: %s" % (HANDOVER_ENV, value, e)) from None
+
+
+def adopt_socket(fd, blocking):
+    """Return the socket object for inherited descriptor *fd*, no longer
+    inheritable; accepted sockets are of the plain C socket type, as accept()
+    makes them, and stay in blocking mode (MSG_DONTWAIT on every call)."""
+    os.set_inheritable(fd, False)
+    probe = socket.socket(fileno=fd)
+    family = int(probe.family)
+    probe.detach()
+    if not blocking:
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        return sock
+    return socket.SocketType(family, socket.SOCK_STREAM, 0, fd)
+
+
+def check_image(path):
+    """Raise SyntaxError, ValueError or OSError unless the program file
+    *path* compiles (run before a re-exec, so a broken upgrade is refused)."""
+    with open(path, "rb") as f:
+        source = f.read()
+    compile(source, path, "exec", dont_inherit=True)
+
+
+def options_from_state(opts, state):
+    """Return *opts* (parse_args' dict) with the options of the image that
+    handed *state* over: port, addresses, debug level, relaxed, time-outs,
+    daemon and systemd mode; a malformed options record leaves *opts*."""
+    try:
+        o = state["options"]
+        new = dict(opts)
+        new.update(port=int(o["port"]), address=o["addresses"], debug=int(o["debug"]),
+                   relaxed=bool(o["relaxed"]), packet_timeout=int(o["packet_timeout"]),
+                   delay_accept=int(o["delay_accept"]), delay_write=int(o["delay_write"]),
+                   daemon=bool(o["is_daemon"]), systemd=bool(o["systemd"]))
+        return new
+    except (KeyError, TypeError, ValueError):
+        return opts
+
+
+def take_handover(environ, log):
+    """In a new image: pop $EPMD_PY_HANDOVER from *environ* and read what the
+    previous image passed.  Returns None without the variable, else a dict:
+    "listen" (fds), "conns" (fds), "state" (the state dict, or None when it
+    could not be read: logged, and the image starts with the listeners
+    only).  Raises HandoverError when the variable itself is malformed."""
+    value = environ.pop(HANDOVER_ENV, None)
+    if value is None:
+        return None
+    version, state_fd, listen, conns = parse_handover_env(value)
+    state = None
+    try:
+        if version != HANDOVER_VERSION:
+            raise HandoverError("hand-over version %d, this image reads %d"
+                                % (version, HANDOVER_VERSION))
+        state = unpack_state(read_state_fd(state_fd))
+    except (HandoverError, OSError) as e:
+        log.dbg_printf(0, "cannot read the state handed over (%s): starting with the "
+                       "listening sockets only; nodes will register again", e)
+    finally:
+        try:
+            os.close(state_fd)
+        except OSError:
+            pass
+    return {"listen": listen, "conns": conns, "state": state}
+
+
+class Handover:
+    """The hand-over part of Epmd (a mixin: these are Epmd's methods).
+
+    Uses Epmd's listeners, conns, pending, nodes, sel, log and options, and
+    the attributes script, reexec_wanted, wakeup and handover.
+    """
+
+    def request_reexec(self, signum=None, frame=None):
+        """SIGUSR2 handler: only set the flag; the loop acts on it after the
+        wake-up (the wake-up socket makes sure there is one)."""
+        self.reexec_wanted = True
+
+    def install_reexec_signal(self):
+        """Make SIGUSR2 request a re-exec, waking the loop through a socket
+        pair given to signal.set_wakeup_fd (main thread only)."""
+        if not hasattr(signal, "SIGUSR2"):
+            return
+        rsock, wsock = socket.socketpair()
+        rsock.setblocking(False)
+        wsock.setblocking(False)
+        signal.set_wakeup_fd(wsock.fileno(), warn_on_full_buffer=False)
+        self.wakeup = (rsock, wsock)
+        signal.signal(signal.SIGUSR2, self.request_reexec)
+        # reexec() blocks SIGUSR2 across execve, so that a second signal
+        # cannot kill the new image before this handler is in place
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})
+
+    def handover_state(self):
+        """The walk over the connections: return the state dict to hand over.
+
+        Every connection goes over as it is: a registered node's (kept,
+        ``conn.node`` set) with its Node; one in flight with the bytes of its
+        request read so far, or of its reply not yet written, and its
+        time-out clock (monotonic seconds, the same clock in the new image).
+        The node table goes over in registration order, the unreg list
+        oldest first, each Node with all its fields and creation counter.
+        """
+        conns = []
+        for conn in self.conns.values():
+            conns.append({"fd": conn.fd, "local_peer": conn.local_peer,
+                          "mod_time": conn.mod_time, "want": conn.want,
+                          "buf": _b64(bytes(conn.buf)), "out": _b64(bytes(conn.out)),
+                          "one_read": conn.one_read,
+                          "keep": bool(conn.keep and conn.node is not None)})
+        nodes = self.nodes
+        options = {k: getattr(self, k) for k in HANDOVER_OPTIONS}
+        options["debug"] = self.log.level
+        options["is_daemon"] = self.log.is_daemon
+        return {"options": options,
+                "listeners": [ls.fileno() for ls in self.listeners],
+                "conns": conns,
+                "nodes": [node_record(n) for n in nodes.reg.values()],
+                "unreg": [node_record(n) for n in nodes.unreg.values()],
+                "fdstore": None}
+
+    def reexec(self):
+        """Re-execute the program in place, handing everything over (D14).
+
+        Refused, with a log line, and the old image keeps serving: off Linux,
+        when the program file does not compile, when execve fails.
+        """
+        log = self.log
+        self.reexec_wanted = False
+        if self.wakeup is not None:
+            try:
+                while self.wakeup[0].recv(4096):
+                    pass
+            except OSError:
+                pass
+        if not handover_supported():
+            log.dbg_printf(0, "SIGUSR2 ignored: re-exec with hand-over needs Linux (this is %s)",
+                           sys.platform)
+            return
+        script = self.script
+        if not script or not sys.executable:
+            log.dbg_printf(0, "SIGUSR2 ignored: the program file or interpreter is unknown")
+            return
+        try:
+            check_image(script)
+        except (OSError, SyntaxError, ValueError) as e:
+            log.dbg_printf(0, "re-exec refused, the old image keeps serving: %s does not "
+                           "compile: %s", script, e)
+            return
+        if self.systemd:
+            sd_notify(SD_RELOADING % (time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
+        state = self.handover_state()
+        listen = [ls.fileno() for ls in self.listeners]
+        conn_fds = [c["fd"] for c in state["conns"]]
+        passed = listen + conn_fds
+        state_fd = -1
+        try:
+            state_fd = write_state_fd(pack_state(state))
+            passed.append(state_fd)
+            for fd in passed:
+                os.set_inheritable(fd, True)
+            env = dict(os.environ)
+            env[HANDOVER_ENV] = format_handover_env(state_fd, listen, conn_fds)
+            argv = [sys.executable, script] + list(self.argv)
+            log.dbg_printf(0, "SIGUSR2: re-executing %s, handing over %d nodes, %d connections",
+                           script, len(state["nodes"]), len(conn_fds))
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+            os.execve(sys.executable, argv, env)
+        except OSError as e:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})
+            log.dbg_perror(e, "re-exec failed, the old image keeps serving")
+            for fd in passed:
+                try:
+                    os.set_inheritable(fd, False)
+                except OSError:
+                    pass
+            if state_fd >= 0:
+                os.close(state_fd)
+            if self.systemd:
+                sd_notify(SD_READY % os.getpid())
+
+    def adopt_listeners(self):
+        """bind() of a new image: take the listening sockets handed over."""
+        self.listeners = [adopt_socket(fd, blocking=False) for fd in self.handover["listen"]]
+        if not self.listeners:
+            raise StartupError("no listening sockets handed over")
+        self.max_conn = self.conn_limit()
+        self.local_reserve = min(LOCAL_RESERVE, self.max_conn // 2)
+
+    def handover_resume(self):
+        """run() of a new image, before serving: rebuild the connections and
+        the node table from the state, and watch each connection.  Without a
+        usable state the handed-over connections are closed (their nodes
+        register again, as after a restart).  Also watches the wake-up
+        socket of SIGUSR2."""
+        if self.wakeup is not None:
+            self.sel.register(self.wakeup[0], selectors.EVENT_READ, WAKEUP)
+        handover, self.handover = self.handover, None
+        if handover is None:
+            return
+        log = self.log
+        state = handover["state"]
+        restored = {}
+        if state is not None:
+            try:
+                restored = self.restore_handover(state)
+            except HandoverError as e:
+                log.dbg_printf(0, "cannot use the state handed over (%s): starting with the "
+                               "listening sockets only; nodes will register again", e)
+                restored = {}
+        for fd in handover["conns"]:
+            if fd not in restored:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        for conn in restored.values():
+            self.watch(conn)
+
+    def restore_handover(self, state):
+        """Rebuild the node table and the connections from *state* (made by
+        handover_state); return {fd: Connection}.  Raises HandoverError,
+        leaving the table empty, when the state is malformed."""
+        log = self.log
+        nodes = self.nodes
+        conns = {}
+        try:
+            for rec in state["conns"]:
+                fd = rec["fd"]
+                conn = Connection(None, fd, bool(rec["local_peer"]), int(rec["mod_time"]))
+                conn.want = int(rec["want"])
+                conn.buf = _unb64(rec["buf"])
+                conn.out = _unb64(rec["out"])
+                conn.one_read = bool(rec["one_read"])
+                conn.keep = bool(rec["keep"])
+                conns[fd] = conn
+            reg = [node_from_record(r) for r in state["nodes"]]
+            unreg = [node_from_record(r) for r in state["unreg"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise HandoverError("bad state: %r" % e) from None
+        for node in reg:
+            conn = conns.get(node.fd)
+            if conn is None or not conn.keep or node.name in nodes.reg:
+                log.dbg_printf(0, "hand-over: no connection for node %s, dropped", node.name)
+                continue
+            node.conn = conn
+            conn.node = node
+            nodes.reg[node.name] = node
+        for node in unreg:
+            nodes.unreg[node.name] = node
+        nodes.names = None
+        for fd, conn in list(conns.items()):
+            if conn.keep and conn.node is None:
+                del conns[fd]       # its node was dropped: closed by the caller
+                continue
+            try:
+                conn.sock = adopt_socket(fd, blocking=True)
+            except OSError as e:
+                log.dbg_perror(e, "hand-over: file descriptor %d unusable", fd)
+                del conns[fd]
+                if conn.node is not None:
+                    nodes.node_unreg_conn(conn)
+                continue
+            self.conns[fd] = conn
+            if not conn.keep:
+                self.pending[fd] = conn
+        log.dbg_printf(0, "hand-over: %d nodes, %d old names, %d connections restored",
+                       len(nodes.reg), len(nodes.unreg), len(conns))
+        nodes.print_names()
+        return conns
+
+
+class _Wakeup:
+    """Selector data of the SIGUSR2 wake-up socket: not a connection (its fd
+    is never a key of Epmd.conns), so the loop only wakes up."""
+
+    __slots__ = ()
+    fd = -1
+
+
+WAKEUP = _Wakeup()
+
+
+# ---------------------------------------------------------------------------
 # Server: the event loop and the requests (OTP epmd_srv.c)
 # ---------------------------------------------------------------------------
 
@@ -910,7 +1380,7 @@ class EpmdExit(Exception):
         self.code = code
 
 
-class Epmd:
+class Epmd(Handover):
     """The daemon: options, the node table, the connections and the loop.
 
     Options (seconds for times): *port* as configured (reported in NAMES
@@ -942,6 +1412,11 @@ class Epmd:
         self.spare_fd = -1          # D2: kept open to shed connections on EMFILE
         self.paused_until = 0.0     # D2: listeners rest until this monotonic time
         self.last_tick = 0
+        self.script = None          # hand-over: the program file a re-exec runs
+        self.argv = []              # hand-over: the command line it gets again
+        self.reexec_wanted = False  # hand-over: set by SIGUSR2, acted on by the loop
+        self.wakeup = None          # hand-over: the signal wake-up socket pair
+        self.handover = None        # hand-over: what the previous image passed
 
     # -- start-up ---------------------------------------------------------
 
@@ -949,6 +1424,9 @@ class Epmd:
         """Open the listening sockets (or take systemd's) and size the
         connection table.  Raises StartupError or AlreadyRunning."""
         log = self.log
+        if self.handover is not None:
+            self.adopt_listeners()
+            return
         if self.systemd:
             log.dbg_printf(2, "try to obtain sockets from systemd")
             self.listeners = systemd_listen_sockets(os.environ)
@@ -1007,6 +1485,7 @@ class Epmd:
             sel.register(ls, selectors.EVENT_READ, None)
             self.families[ls.fileno()] = int(ls.family)
         self.open_spare()
+        self.handover_resume()
         if self.systemd:
             sd_notify(SD_READY % os.getpid())
         log.dbg_tty_printf(2, "entering the main select() loop")
@@ -1028,6 +1507,8 @@ class Epmd:
                 if self.paused_until and time.monotonic() >= self.paused_until:
                     self.resume_accept()
                 self.check_timeouts()
+                if self.reexec_wanted:
+                    self.reexec()
         except EpmdExit as e:
             return e.code
         finally:
@@ -1874,6 +2355,7 @@ def serve(epmd, ready=None):
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
+    epmd.install_reexec_signal()
     code = 0
     try:
         code = epmd.run()
@@ -1963,7 +2445,20 @@ def main(argv=None):
         return kill_epmd(port)
     if action == "stop":
         return stop_cli(port, opts["stop_name"])
+    script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    handover = None
+    try:
+        handover = take_handover(os.environ, DebugLog(opts["debug"], opts["daemon"]))
+    except HandoverError as e:
+        DebugLog(opts["debug"], opts["daemon"]).dbg_printf(0, "%s", e)
+    if handover is not None and handover["state"] is not None:
+        opts = options_from_state(opts, handover["state"])
     epmd = make_daemon(opts)
+    epmd.script = script if script and os.path.isfile(script) else None
+    epmd.argv = list(argv)
+    if handover is not None:
+        epmd.handover = handover    # a re-exec: same PID, already detached
+        return serve(epmd)
     if opts["daemon"]:
         return run_daemon(epmd)
     return serve(epmd)

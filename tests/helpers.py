@@ -232,6 +232,7 @@ class Daemon:
         self.stderr_path = tmp / ("epmd-%s-%d-%d.err" % (impl, port, random.randint(0, 1 << 30)))
         self.proc = None
         self.nofile = None          # (soft, hard) RLIMIT_NOFILE for the daemon
+        self.exe = None             # interpreter and script to run instead of ours
 
     @property
     def pid(self):
@@ -239,6 +240,8 @@ class Daemon:
 
     def command(self):
         exe = [sys.executable, str(EPMD_PY)] if self.impl == "py" else [OTP_EPMD]
+        if self.exe:
+            exe = list(self.exe)
         return exe + self.args
 
     def start(self, wait=True):
@@ -297,6 +300,48 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait(3)
         self._err.close()
+
+
+# -- real Erlang nodes -----------------------------------------------------------
+
+ECHO_LOOP = ("register(echo, self()), "
+             "L = fun Loop() -> receive {From, M} -> From ! {echo, M}, Loop() end end, L().")
+
+
+class Nodes:
+    """Erlang nodes (`erl -sname`) registering with the epmd on *epmd_port*,
+    started by one test or script, each killed by PID at the end."""
+
+    def __init__(self, epmd_port, tmp_path):
+        self.env = base_env(ERL_EPMD_PORT=str(epmd_port), HOME=str(tmp_path))
+        self.procs = []
+        self.tag = "%06d" % random.randint(0, 999999)
+
+    def name(self, base):
+        return "%s_%s" % (base, self.tag)
+
+    def cmd(self, name, code):
+        return [ERL, "-sname", name, "-setcookie", "epmdpytest", "-start_epmd", "false",
+                "-noshell", "-noinput", "-eval", code]
+
+    def start(self, base, code=ECHO_LOOP):
+        p = subprocess.Popen(self.cmd(self.name(base), code), env=self.env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.procs.append(p)
+        return p
+
+    def run(self, base, code, timeout=60):
+        p = subprocess.Popen(self.cmd(self.name(base), code), env=self.env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.procs.append(p)
+        out, _ = p.communicate(timeout=timeout)
+        return p.returncode, out.decode("utf-8", "replace")
+
+    def close(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(10)
 
 
 # -- a second host: a network namespace ----------------------------------------
@@ -379,3 +424,100 @@ def proc_rss_kb(pid):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError("no VmRSS")
+
+
+# -- a lookup load, for restarts and hand-overs ----------------------------------
+
+class LookupLoad:
+    """PORT_PLEASE2_REQs for *names* (bytes), round robin, at about *rate*
+    per second from a thread, until stop().  Counts ``ok`` (PORT2_RESP with
+    result 0), ``missing`` (result 1: the name is not registered), ``errors``
+    (refused, reset, timed out or a short reply) and keeps the monotonic times
+    of the failures (missing or error) and the slowest lookup (seconds)."""
+
+    def __init__(self, port, names, rate=100.0, host="127.0.0.1"):
+        import threading
+        self.port, self.names, self.rate, self.host = port, list(names), rate, host
+        self.ok = self.missing = self.errors = 0
+        self.fail_times = []
+        self.slowest = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def _run(self):
+        i = 0
+        period = 1.0 / self.rate
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            name = self.names[i % len(self.names)]
+            i += 1
+            t0 = time.monotonic()
+            try:
+                reply = request(self.port, b"z" + name, self.host, timeout=5)
+            except OSError:
+                reply = None
+            t1 = time.monotonic()
+            self.slowest = max(self.slowest, t1 - t0)
+            if reply is not None and reply[:2] == b"w\x00":
+                self.ok += 1
+            else:
+                if reply is not None and reply[:2] == b"w\x01":
+                    self.missing += 1
+                else:
+                    self.errors += 1
+                self.fail_times.append(t1)
+            next_at += period
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                self._stop.wait(delay)
+            else:
+                next_at = time.monotonic()
+
+    @property
+    def failed(self):
+        return self.missing + self.errors
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(10)
+        return self
+
+
+def dump(port, host="127.0.0.1"):
+    """DUMP_REQ: the whole reply (header and NUL-terminated lines)."""
+    return request(port, b"d", host)
+
+
+def creation_of(reply):
+    """The creation in an ALIVE2_X_RESP ('v', result, u32) or ALIVE2_RESP
+    ('y', result, u16) reply; None for an error or a short reply."""
+    if len(reply) == 6 and reply[:2] == b"v\x00":
+        return U32.unpack_from(reply, 2)[0]
+    if len(reply) == 4 and reply[:2] == b"y\x00":
+        return U16.unpack_from(reply, 2)[0]
+    return None
+
+
+def register_mixed(port, n, tag="n"):
+    """Register *n* nodes over raw sockets with mixed fields: node types 77
+    (normal) and 72 (hidden), highest version 6 (32-bit creation in
+    ALIVE2_X_RESP) and 5 (16-bit, ALIVE2_RESP), extras of arbitrary bytes
+    (NULs, 0xff) of several lengths, UTF-8 names.  Returns a list of dicts:
+    sock, name (bytes), creation, highvsn."""
+    out = []
+    for i in range(n):
+        name = ("%s%d_\u00f8" % (tag, i)).encode()
+        highvsn = 6 if i % 2 == 0 else 5
+        extra = bytes((i * 7 + k) % 256 for k in range(i % 5 * 3)) + (b"\0\xff" if i % 3 else b"")
+        sock, reply = register(port, name, port=10000 + i, nodetype=77 if i % 4 else 72,
+                               highvsn=highvsn, lowvsn=5, extra=extra)
+        creation = creation_of(reply)
+        if creation is None:
+            sock.close()
+            raise RuntimeError("registration of %r refused: %r" % (name, reply))
+        out.append({"sock": sock, "name": name, "creation": creation, "highvsn": highvsn})
+    return out
