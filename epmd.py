@@ -469,10 +469,11 @@ class NodeTable:
     grow without bound.  *clock* returns Unix time in seconds.
     """
 
-    __slots__ = ("reg", "unreg", "max_unreg", "log", "clock", "names")
+    __slots__ = ("reg", "unreg", "max_unreg", "log", "clock", "names", "serial")
 
     def __init__(self, log, max_unreg=MAX_UNREG_COUNT, clock=time.time):
         self.names = None           # the NAMES_RESP lines, joined, until the next change
+        self.serial = 0             # + 1 on every change (the fd store follows it)
         self.reg = {}
         self.unreg = {}
         self.max_unreg = max_unreg
@@ -531,6 +532,7 @@ class NodeTable:
         node.extra = req.extra
         node.resp = None
         self.reg[name] = node
+        self.serial += 1
         self.names = None
         log.dbg_tty_printf(1, "registering '%s:%d', port %d", name, node.creation, node.port)
         if req.highvsn != 0:
@@ -549,6 +551,7 @@ class NodeTable:
         self.log.dbg_tty_printf(1, "unregistering '%s:%d', port %d",
                                 node.name, node.creation, node.port)
         del self.reg[node.name]
+        self.serial += 1
         self.names = None
         node.conn = None
         node.resp = None
@@ -845,29 +848,40 @@ def open_listen_sockets(addresses, port, log):
     return socks
 
 
-def systemd_listen_sockets(environ):
+def systemd_listen_sockets(environ, stored=None):
     """Return the listening sockets systemd passed (socket activation).
 
     Reads LISTEN_PID (must be this process, if set) and LISTEN_FDS; the
     sockets are fds 3, 4, ...  Raises StartupError when there are none or
     more than MAX_LISTEN_SOCKETS.  The variables are removed from *environ*
-    so that children do not inherit them.  Source: sd_listen_fds(3).
+    so that children do not inherit them.  Descriptors that LISTEN_FDNAMES
+    (names separated by ':') names with FDSTORE_PREFIX come from the fd
+    store: they go into the dict *stored* (name -> fd), not among the
+    listeners (see the hand-over section).  Source: sd_listen_fds(3).
     """
     pid = environ.pop("LISTEN_PID", None)
     fds = environ.pop("LISTEN_FDS", None)
-    environ.pop("LISTEN_FDNAMES", None)
+    fdnames = environ.pop("LISTEN_FDNAMES", None)
+    fdnames = fdnames.split(":") if fdnames else []
     count = 0
     if fds is not None and (pid is None or pid.strip() == str(os.getpid())):
         try:
             count = int(fds)
         except ValueError:
             raise StartupError("cannot obtain sockets from systemd: LISTEN_FDS=%r" % fds) from None
+    fd_range = range(SYSTEMD_FIRST_FD, SYSTEMD_FIRST_FD + max(count, 0))
+    if stored is not None:
+        for i, fd in enumerate(fd_range):
+            if i < len(fdnames) and fdnames[i].startswith(FDSTORE_PREFIX):
+                stored[fdnames[i]] = fd
+        fd_range = [fd for fd in fd_range if fd not in stored.values()]
+        count = len(fd_range)
     if count <= 0:
         raise StartupError("systemd provides no sockets")
     if count > MAX_LISTEN_SOCKETS:
         raise StartupError("cannot listen on more than %d IP addresses" % MAX_LISTEN_SOCKETS)
     socks = []
-    for fd in range(SYSTEMD_FIRST_FD, SYSTEMD_FIRST_FD + count):
+    for fd in fd_range:
         try:
             sock = socket.socket(fileno=fd)
         except OSError as e:
@@ -1150,6 +1164,164 @@ def take_handover(environ, log):
     return {"listen": listen, "conns": conns, "state": state}
 
 
+# systemd's file descriptor store (systemd >= 254 announces it in $FDSTORE):
+# a kill -9, an OOM kill or `systemctl restart` ends the process, so a
+# re-exec cannot help.  With -systemd and $FDSTORE > 0, every registered
+# node's socket is pushed to the store as it registers ("FDSTORE=1",
+# "FDNAME=epmd-node-<n>", the socket in SCM_RIGHTS) and removed as it
+# unregisters ("FDSTOREREMOVE=1"); one memfd, "epmd-state", stored once,
+# holds the state above, rewritten in place after every change of the node
+# table.  On the next start LISTEN_FDNAMES tells the socket unit's listeners
+# from these; the state is read and each node is matched to its socket by
+# name.  Sources: sd_notify(3), sd_listen_fds(3), systemd.io "The File
+# Descriptor Store".
+
+FDSTORE_ENV = "FDSTORE"             # set by systemd to FileDescriptorStoreMax=
+FDSTORE_PREFIX = "epmd-"            # names of our entries in the store
+FDSTORE_STATE = "epmd-state"
+FDSTORE_NODE = "epmd-node-%d"
+
+
+def sd_notify_fds(state, fds, environ=os.environ):
+    """sd_notify() with descriptors *fds* attached (SCM_RIGHTS), as
+    sd_pid_notify_with_fds(3) sends them.  Returns True if sent."""
+    path = environ.get("NOTIFY_SOCKET")
+    if not path or path[0] not in "/@":
+        return False
+    if path[0] == "@":
+        path = "\0" + path[1:]
+    import array
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendmsg([state.encode()],
+                      [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())],
+                      0, path)
+        return True
+    except OSError:
+        return False
+
+
+class FdStore:
+    """This daemon's entries in systemd's fd store.
+
+    ``state_fd`` is the stored memfd of the state, ``names`` maps the fd of
+    each stored node connection to (Connection, FDNAME), ``seq`` numbers the
+    next FDNAME, ``serial`` is the NodeTable.serial the stored state shows,
+    ``restored`` maps FDNAME -> fd for what systemd passed back at start
+    (until handover_resume takes it), ``limit`` is $FDSTORE.
+    """
+
+    __slots__ = ("environ", "log", "state_fd", "names", "seq", "serial", "restored", "limit",
+                 "warned")
+
+    def __init__(self, environ, log, state_fd, limit):
+        self.environ = environ
+        self.log = log
+        self.state_fd = state_fd
+        self.names = {}
+        self.seq = 0
+        self.serial = -1
+        self.restored = {}
+        self.limit = limit
+        self.warned = False
+
+    @staticmethod
+    def limit_of(environ):
+        try:
+            return int(environ.get(FDSTORE_ENV, "0"))
+        except ValueError:
+            return 0
+
+    @classmethod
+    def open(cls, environ, stored, log):
+        """At a start under systemd: return the FdStore, or None when the unit
+        has no store ($FDSTORE unset or 0; descriptors passed back anyway are
+        closed).  *stored* maps FDNAME -> fd of what systemd passed back; the
+        state memfd is taken from it, or made and pushed."""
+        limit = cls.limit_of(environ)
+        if limit <= 0 or not hasattr(os, "memfd_create"):
+            for fd in stored.values():
+                os.close(fd)
+            return None
+        state_fd = stored.pop(FDSTORE_STATE, None)
+        if state_fd is None:
+            state_fd = os.memfd_create(FDSTORE_STATE)
+            sd_notify_fds("FDSTORE=1\nFDNAME=%s" % FDSTORE_STATE, [state_fd], environ)
+        else:
+            os.set_inheritable(state_fd, False)
+        store = cls(environ, log, state_fd, limit)
+        store.restored = stored
+        store.seq = 1 + max([int(n.rsplit("-", 1)[1]) for n in stored
+                             if n.rsplit("-", 1)[1].isdigit()] or [-1])
+        return store
+
+    @classmethod
+    def adopt(cls, environ, record, log):
+        """In a re-executed image: the FdStore the old image used (*record*
+        from the state), or None."""
+        try:
+            state_fd, seq = int(record["state_fd"]), int(record["seq"])
+            os.set_inheritable(state_fd, False)
+        except (KeyError, TypeError, ValueError, OSError):
+            return None
+        store = cls(environ, log, state_fd, cls.limit_of(environ))
+        store.seq = seq
+        return store
+
+    def record(self):
+        return {"state_fd": self.state_fd, "seq": self.seq}
+
+    def push(self, fd):
+        """Store connection *fd*; return its FDNAME, or None if not sent."""
+        if len(self.names) + 1 >= self.limit and not self.warned:
+            self.warned = True
+            self.log.dbg_printf(0, "FileDescriptorStoreMax=%d is reached: more nodes will not "
+                                "survive a restart", self.limit)
+        name = FDSTORE_NODE % self.seq
+        self.seq += 1
+        if sd_notify_fds("FDSTORE=1\nFDNAME=%s" % name, [fd], self.environ):
+            return name
+        return None
+
+    def remove(self, name):
+        """Remove (and have systemd close) the entries named *name*."""
+        sd_notify("FDSTOREREMOVE=1\nFDNAME=%s" % name, self.environ)
+
+    def write(self, data):
+        """Replace the state in the stored memfd (the CRC-32 in the header
+        shows a write that a kill cut short)."""
+        os.pwrite(self.state_fd, data, 0)
+        os.ftruncate(self.state_fd, len(data))
+
+    def restart_handover(self):
+        """After a restart with stored descriptors: return the hand-over
+        dict (as take_handover's) rebuilt from the stored state, each node's
+        connection found by its FDNAME; nodes whose socket is missing go to
+        the unreg list (their creation kept)."""
+        restored, self.restored = self.restored, {}
+        handover = {"listen": [], "conns": list(restored.values()), "state": None,
+                    "unused": dict(restored)}
+        try:
+            state = unpack_state(read_state_fd(self.state_fd))
+            moved = {}
+            conns = []
+            for rec in state["conns"]:
+                name = rec.get("fdname")
+                if name in restored:
+                    moved[rec["fd"]] = restored[name]
+                    conns.append(dict(rec, fd=restored[name]))
+            lost = [r for r in state["nodes"] if r["fd"] not in moved]
+            state["nodes"] = [dict(r, fd=moved[r["fd"]]) for r in state["nodes"]
+                              if r["fd"] in moved]
+            state["unreg"] = list(state["unreg"]) + lost
+            state["conns"] = conns
+            handover["state"] = state
+        except (HandoverError, OSError, KeyError, TypeError, AttributeError) as e:
+            self.log.dbg_printf(0, "cannot read the state in systemd's fd store (%s): starting "
+                                "with the listening sockets only; nodes will register again", e)
+        return handover
+
+
 class Handover:
     """The hand-over part of Epmd (a mixin: these are Epmd's methods).
 
@@ -1187,13 +1359,16 @@ class Handover:
         The node table goes over in registration order, the unreg list
         oldest first, each Node with all its fields and creation counter.
         """
+        stored = self.fdstore.names if self.fdstore is not None else {}
         conns = []
         for conn in self.conns.values():
+            entry = stored.get(conn.fd)
             conns.append({"fd": conn.fd, "local_peer": conn.local_peer,
                           "mod_time": conn.mod_time, "want": conn.want,
                           "buf": _b64(bytes(conn.buf)), "out": _b64(bytes(conn.out)),
                           "one_read": conn.one_read,
-                          "keep": bool(conn.keep and conn.node is not None)})
+                          "keep": bool(conn.keep and conn.node is not None),
+                          "fdname": entry[1] if entry and entry[0] is conn else None})
         nodes = self.nodes
         options = {k: getattr(self, k) for k in HANDOVER_OPTIONS}
         options["debug"] = self.log.level
@@ -1203,7 +1378,7 @@ class Handover:
                 "conns": conns,
                 "nodes": [node_record(n) for n in nodes.reg.values()],
                 "unreg": [node_record(n) for n in nodes.unreg.values()],
-                "fdstore": None}
+                "fdstore": self.fdstore.record() if self.fdstore is not None else None}
 
     def reexec(self):
         """Re-execute the program in place, handing everything over (D14).
@@ -1239,6 +1414,8 @@ class Handover:
         listen = [ls.fileno() for ls in self.listeners]
         conn_fds = [c["fd"] for c in state["conns"]]
         passed = listen + conn_fds
+        if self.fdstore is not None:
+            passed.append(self.fdstore.state_fd)
         state_fd = -1
         try:
             state_fd = write_state_fd(pack_state(state))
@@ -1265,11 +1442,37 @@ class Handover:
             if self.systemd:
                 sd_notify(SD_READY % os.getpid())
 
+    def fdstore_sync(self):
+        """Bring systemd's fd store up to date with the node table: push the
+        sockets of new nodes, remove those of gone ones (compared by
+        Connection, as a descriptor number may be reused at once), then
+        rewrite the state memfd.  Runs at the end of a wake-up that changed
+        the table."""
+        store = self.fdstore
+        want = {n.conn.fd: n.conn for n in self.nodes.reg.values() if n.conn is not None}
+        for fd, (conn, name) in list(store.names.items()):
+            if want.get(fd) is not conn:
+                store.remove(name)
+                del store.names[fd]
+        for fd, conn in want.items():
+            if fd not in store.names:
+                name = store.push(fd)
+                if name is not None:
+                    store.names[fd] = (conn, name)
+        try:
+            store.write(pack_state(self.handover_state()))
+        except OSError as e:
+            self.log.dbg_perror(e, "cannot write the state to systemd's fd store")
+        store.serial = self.nodes.serial
+
     def adopt_listeners(self):
         """bind() of a new image: take the listening sockets handed over."""
         self.listeners = [adopt_socket(fd, blocking=False) for fd in self.handover["listen"]]
         if not self.listeners:
             raise StartupError("no listening sockets handed over")
+        state = self.handover["state"]
+        if self.systemd and state is not None and state.get("fdstore"):
+            self.fdstore = FdStore.adopt(os.environ, state["fdstore"], self.log)
         self.max_conn = self.conn_limit()
         self.local_reserve = min(LOCAL_RESERVE, self.max_conn // 2)
 
@@ -1282,6 +1485,8 @@ class Handover:
         if self.wakeup is not None:
             self.sel.register(self.wakeup[0], selectors.EVENT_READ, WAKEUP)
         handover, self.handover = self.handover, None
+        if handover is None and self.fdstore is not None and self.fdstore.restored:
+            handover = self.fdstore.restart_handover()
         if handover is None:
             return
         log = self.log
@@ -1300,6 +1505,9 @@ class Handover:
                     os.close(fd)
                 except OSError:
                     pass
+        for name, fd in handover.get("unused", {}).items():
+            if fd not in restored and self.fdstore is not None:
+                self.fdstore.remove(name)
         for conn in restored.values():
             self.watch(conn)
 
@@ -1320,6 +1528,8 @@ class Handover:
                 conn.one_read = bool(rec["one_read"])
                 conn.keep = bool(rec["keep"])
                 conns[fd] = conn
+                if self.fdstore is not None and rec.get("fdname"):
+                    self.fdstore.names[fd] = (conn, rec["fdname"])
             reg = [node_from_record(r) for r in state["nodes"]]
             unreg = [node_from_record(r) for r in state["unreg"]]
         except (KeyError, TypeError, ValueError) as e:
@@ -1344,6 +1554,8 @@ class Handover:
             except OSError as e:
                 log.dbg_perror(e, "hand-over: file descriptor %d unusable", fd)
                 del conns[fd]
+                if self.fdstore is not None:
+                    self.fdstore.names.pop(fd, None)
                 if conn.node is not None:
                     nodes.node_unreg_conn(conn)
                 continue
@@ -1417,6 +1629,7 @@ class Epmd(Handover):
         self.reexec_wanted = False  # hand-over: set by SIGUSR2, acted on by the loop
         self.wakeup = None          # hand-over: the signal wake-up socket pair
         self.handover = None        # hand-over: what the previous image passed
+        self.fdstore = None         # hand-over: systemd's fd store (FdStore), if used
 
     # -- start-up ---------------------------------------------------------
 
@@ -1429,7 +1642,9 @@ class Epmd(Handover):
             return
         if self.systemd:
             log.dbg_printf(2, "try to obtain sockets from systemd")
-            self.listeners = systemd_listen_sockets(os.environ)
+            stored = {}
+            self.listeners = systemd_listen_sockets(os.environ, stored)
+            self.fdstore = FdStore.open(os.environ, stored, log)
         else:
             log.dbg_printf(2, "try to initiate listening port %d", self.port)
             addrs = parse_addresses(self.addresses)
@@ -1509,6 +1724,8 @@ class Epmd(Handover):
                 self.check_timeouts()
                 if self.reexec_wanted:
                     self.reexec()
+                if self.fdstore is not None and self.fdstore.serial != self.nodes.serial:
+                    self.fdstore_sync()
         except EpmdExit as e:
             return e.code
         finally:

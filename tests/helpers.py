@@ -521,3 +521,159 @@ def register_mixed(port, n, tag="n"):
             raise RuntimeError("registration of %r refused: %r" % (name, reply))
         out.append({"sock": sock, "name": name, "creation": creation, "highvsn": highvsn})
     return out
+
+
+# -- a stand-in for systemd ------------------------------------------------------
+
+_LAUNCH = """
+import fcntl, os, sys
+i = sys.argv.index("--")
+high = [fcntl.fcntl(int(fd), fcntl.F_DUPFD_CLOEXEC, 1000) for fd in sys.argv[1:i]]
+for n, fd in enumerate(high):
+    os.dup2(fd, 3 + n)
+env = dict(os.environ, LISTEN_PID=str(os.getpid()))
+os.execve(sys.argv[i + 1], sys.argv[i + 1:], env)
+"""
+
+
+class SystemdStandIn:
+    """A stand-in for systemd managing ``epmd.py -systemd`` with a socket unit
+    and a file descriptor store, for CI where systemd is not PID 1.
+
+    Written from systemd's documentation, not its code:
+    - sd_notify(3): the service sends datagrams to the AF_UNIX socket named
+      by $NOTIFY_SOCKET, newline-separated VAR=VALUE lines (READY=1,
+      RELOADING=1 with MONOTONIC_USEC=, STATUS=, MAINPID=, ERRNO=);
+      FDSTORE=1 stores the descriptors attached as SCM_RIGHTS under FDNAME=
+      (default "stored"), FDSTOREREMOVE=1 closes and drops all entries named
+      FDNAME=.
+    - "The File Descriptor Store" (systemd.io): at most FileDescriptorStoreMax
+      entries (*limit*, announced to the service in $FDSTORE); an entry that
+      shows POLLHUP or POLLERR is closed and dropped; the entries are passed
+      back on the next start, after the socket unit's descriptors.
+    - sd_listen_fds(3): the descriptors start at 3, $LISTEN_FDS counts them,
+      $LISTEN_PID is the service's PID, $LISTEN_FDNAMES names them, ':'
+      separated (a socket unit's descriptors by the unit's name).
+    *messages* keeps (monotonic time, {VAR: VALUE}) of every datagram.
+    """
+
+    def __init__(self, tmp, port, args=(), limit=64, unit="epmd.socket"):
+        import threading
+        self.tmp, self.port, self.args, self.limit, self.unit = tmp, port, list(args), limit, unit
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", port))
+        self.listener.listen(socket.SOMAXCONN)
+        self.notify_path = str(tmp / ("notify-%d" % port))
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(self.notify_path)
+        self.store = []             # [(name, fd)] in the order stored
+        self.messages = []
+        self.lock = threading.Lock()
+        self.proc = None
+        self.err_path = tmp / ("systemd-standin-%d.err" % port)
+        self._err = open(self.err_path, "ab")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    # the notify socket and the store
+    def _serve(self):
+        import select
+        while not self._stop.is_set():
+            poller = select.poll()
+            poller.register(self.notify, select.POLLIN)
+            with self.lock:
+                for _, fd in self.store:
+                    poller.register(fd, 0)      # POLLHUP/POLLERR are always reported
+            for fd, ev in poller.poll(100):
+                if fd == self.notify.fileno():
+                    self._receive()
+                elif ev & (select.POLLHUP | select.POLLERR):
+                    with self.lock:
+                        for entry in [e for e in self.store if e[1] == fd]:
+                            self.store.remove(entry)
+                            os.close(fd)
+
+    def _receive(self):
+        import array
+        fds = array.array("i")
+        try:
+            data, anc, _, _ = self.notify.recvmsg(4096, socket.CMSG_SPACE(253 * fds.itemsize))
+        except OSError:
+            return
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+        fields = dict(line.split("=", 1) for line in data.decode().split("\n") if "=" in line)
+        with self.lock:
+            self.messages.append((time.monotonic(), fields))
+            if fields.get("FDSTORE") == "1":
+                name = fields.get("FDNAME", "stored")
+                for fd in fds:
+                    if len(self.store) < self.limit:
+                        self.store.append((name, fd))
+                    else:
+                        os.close(fd)
+                return
+            if fields.get("FDSTOREREMOVE") == "1":
+                name = fields.get("FDNAME")
+                for entry in [e for e in self.store if e[0] == name]:
+                    self.store.remove(entry)
+                    os.close(entry[1])
+        for fd in fds:                      # not for the store: dropped
+            os.close(fd)
+
+    def stored_names(self):
+        with self.lock:
+            return [name for name, _ in self.store]
+
+    def saw(self, var, value="1"):
+        """How many datagrams set *var* to *value*."""
+        with self.lock:
+            return sum(1 for _, m in self.messages if m.get(var) == value)
+
+    # the service
+    def start(self):
+        with self.lock:
+            entries = [(self.unit, self.listener.fileno())] + list(self.store)
+        env = base_env(NOTIFY_SOCKET=self.notify_path, LISTEN_FDS=str(len(entries)),
+                       LISTEN_FDNAMES=":".join(name for name, _ in entries),
+                       FDSTORE=str(self.limit))
+        if not self.limit:
+            del env["FDSTORE"]
+        fds = [fd for _, fd in entries]
+        cmd = ([sys.executable, "-c", _LAUNCH] + [str(fd) for fd in fds] + ["--", sys.executable,
+               str(EPMD_PY), "-systemd"] + self.args)
+        self.proc = subprocess.Popen(cmd, env=env, pass_fds=fds, stdin=subprocess.DEVNULL,
+                                     stdout=self._err, stderr=self._err)
+        return self
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def wait_ready(self, count, timeout=15.0):
+        """Wait until READY=1 was received *count* times in all."""
+        return wait_until(lambda: self.saw("READY") >= count, timeout)
+
+    def kill9(self):
+        self.proc.kill()
+        self.proc.wait(5)
+
+    def stderr(self):
+        return self.err_path.read_bytes().decode("utf-8", "replace")
+
+    def close(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self._stop.set()
+        self._thread.join(5)
+        with self.lock:
+            for _, fd in self.store:
+                os.close(fd)
+            self.store = []
+        self.notify.close()
+        self.listener.close()
+        self._err.close()
