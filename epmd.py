@@ -50,6 +50,11 @@ Sections, in the order of epmd_srv.c:
                                is_local_peer
     listening sockets          parse_addresses, open_listen_sockets,
                                systemd_listen_sockets, sd_notify
+    hand-over                  re-exec on SIGUSR2 (D14): pack_state,
+                               unpack_state, take_handover; FdStore (systemd's
+                               fd store); the Handover mixin of Epmd
+                               (handover_state, reexec, restore_handover,
+                               fdstore_sync)
     server                     Epmd: run (the loop), handle, check_timeouts,
                                do_accept (with shed_connection, pause_accept
                                for EMFILE), conn_open, conn_close, do_read,
@@ -70,7 +75,7 @@ Debug levels (-d given N times), as OTP's epmd:
 In the foreground every line goes to stderr as ``epmd: <ctime>: <msg>\\r\\n``;
 with -daemon, level-gated messages go to syslog and the hexdumps are dropped.
 
-Where this file deliberately differs from OTP's daemon (D1-D13, listed in
+Where this file deliberately differs from OTP's daemon (D1-D14, listed in
 README.md and epmd(1)), the code says so with a "D<n>" comment.
 """
 
