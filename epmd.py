@@ -1409,6 +1409,9 @@ class Handover:
             return
         try:
             check_image(script)
+            module = os.path.abspath(__file__)
+            if module != script:        # the `epmd` console script imports this file
+                check_image(module)
         except (OSError, SyntaxError, ValueError) as e:
             log.dbg_printf(0, "re-exec refused, the old image keeps serving: %s does not "
                            "compile: %s", script, e)

@@ -39,14 +39,18 @@ from helpers import (Daemon, LookupLoad, Nodes, SystemdStandIn, base_env, creati
 
 def loads(port, names, rate, threads):
     """*threads* LookupLoads sharing *rate* lookups per second."""
-    return [LookupLoad(port, names[i::threads] or names, rate / threads).start()
-            for i in range(threads)]
+    ls = [LookupLoad(port, names[i::threads] or names, rate / threads) for i in range(threads)]
+    for x in ls:
+        x.started = time.monotonic()
+        x.start()
+    return ls
 
 
 def totals(ls):
     for x in ls:
         x.stop()
-    return {"lookups": sum(x.ok + x.failed for x in ls),
+    secs = time.monotonic() - min(x.started for x in ls)
+    return {"lookups": sum(x.ok + x.failed for x in ls), "secs": secs,
             "missing": sum(x.missing for x in ls), "errors": sum(x.errors for x in ls),
             "slowest_ms": max(x.slowest for x in ls) * 1000,
             "fail_times": sorted(t for x in ls for t in x.fail_times)}
@@ -204,10 +208,11 @@ def report(args, py, k9, otp):
     row("setup", "%d raw + %d erl nodes, %d lookups/s" % (args.nodes, args.erl, args.rate),
         "the same")
     row("how", "%d x SIGUSR2 (re-exec in place)" % args.reexecs, "kill -9, restart")
-    row("lookups during / failed", "%d / %d (%d missing, %d errors)"
-        % (L["lookups"], L["missing"] + L["errors"], L["missing"], L["errors"]),
-        "-" if otp is None else "%d / %d (%d missing, %d errors)"
-        % (otp["load"]["lookups"], otp["load"]["missing"] + otp["load"]["errors"],
+    row("lookups during / failed", "%d in %.1f s / %d (%d missing, %d errors)"
+        % (L["lookups"], L["secs"], L["missing"] + L["errors"], L["missing"], L["errors"]),
+        "-" if otp is None else "%d in %.1f s / %d (%d missing, %d errors)"
+        % (otp["load"]["lookups"], otp["load"]["secs"],
+           otp["load"]["missing"] + otp["load"]["errors"],
            otp["load"]["missing"], otp["load"]["errors"]))
     row("slowest lookup", "%.0f ms" % L["slowest_ms"],
         "-" if otp is None else "%.0f ms" % otp["load"]["slowest_ms"])
