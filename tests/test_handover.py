@@ -502,3 +502,60 @@ def test_handover_bench_small():
     assert p.returncode == 0, p.stdout + p.stderr
     assert "NAMES and DUMP identical after       3 of 3 re-execs" in p.stdout, p.stdout
     assert "kill -9 with systemd's fd store" in p.stdout
+
+
+def daemon_pid(port):
+    """PID of the epmd.py -daemon serving *port* (found in /proc by its command line)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/cmdline" % entry, "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if str(EPMD_PY).encode() in argv and b"-daemon" in argv and str(port).encode() in argv:
+                return int(entry)
+    return None
+
+
+HANDOVER_SEEN = b"EPMD_PY_HANDOVER=1 state="
+
+
+def stack_of(pid):
+    with open("/proc/%d/maps" % pid) as f:
+        return [line.split()[0] for line in f if line.rstrip().endswith("[stack]")]
+
+
+def environ_of(pid):
+    with open("/proc/%d/environ" % pid, "rb") as f:
+        return f.read()
+
+
+def test_reexec_in_daemon_mode():
+    """With -daemon the re-exec keeps the detached process (same PID, still a
+    child of init in its own session, no second fork) and every node."""
+    import subprocess
+    port = free_port()
+    r = subprocess.run([sys.executable, str(EPMD_PY), "-port", str(port), "-address", "127.0.0.1",
+                        "-daemon"], env=base_env(), timeout=30)
+    assert r.returncode == 0
+    pid = daemon_pid(port)
+    assert pid is not None
+    try:
+        nodes = register_mixed(port, 5)
+        sid = os.getsid(pid)
+        for _ in range(3):
+            image = stack_of(pid)
+            os.kill(pid, signal.SIGUSR2)
+            # a new image has a new (randomised) stack; then it must answer
+            assert wait_until(lambda: stack_of(pid) != image, 10)
+            assert wait_until(lambda: HANDOVER_SEEN in environ_of(pid))
+            assert wait_until(lambda: sorted(registered(port)) == sorted(n["name"] for n in nodes))
+        assert daemon_pid(port) == pid and os.getsid(pid) == sid
+        for n in nodes:
+            n["sock"].setblocking(False)
+            with pytest.raises(BlockingIOError):
+                n["sock"].recv(1)
+            n["sock"].close()
+    finally:
+        os.kill(pid, signal.SIGTERM)
