@@ -860,8 +860,8 @@ def systemd_listen_sockets(environ, stored=None):
     sockets are fds 3, 4, ...  Raises StartupError when there are none or
     more than MAX_LISTEN_SOCKETS.  The variables are removed from *environ*
     so that children do not inherit them.  Descriptors that LISTEN_FDNAMES
-    (names separated by ':') names with FDSTORE_PREFIX come from the fd
-    store: they go into the dict *stored* (name -> fd), not among the
+    (names separated by ':') gives our fd store names (is_stored_name) come
+    from the fd store: they go into the dict *stored* (name -> fd), not among the
     listeners (see the hand-over section).  Source: sd_listen_fds(3).
     """
     pid = environ.pop("LISTEN_PID", None)
@@ -877,7 +877,7 @@ def systemd_listen_sockets(environ, stored=None):
     fd_range = range(SYSTEMD_FIRST_FD, SYSTEMD_FIRST_FD + max(count, 0))
     if stored is not None:
         for i, fd in enumerate(fd_range):
-            if i < len(fdnames) and fdnames[i].startswith(FDSTORE_PREFIX):
+            if i < len(fdnames) and is_stored_name(fdnames[i]):
                 stored[fdnames[i]] = fd
         fd_range = [fd for fd in fd_range if fd not in stored.values()]
         count = len(fd_range)
@@ -1182,9 +1182,15 @@ def take_handover(environ, log):
 # Descriptor Store".
 
 FDSTORE_ENV = "FDSTORE"             # set by systemd to FileDescriptorStoreMax=
-FDSTORE_PREFIX = "epmd-"            # names of our entries in the store
-FDSTORE_STATE = "epmd-state"
-FDSTORE_NODE = "epmd-node-%d"
+FDSTORE_STATE = "epmd-state"        # FDNAME of the state memfd
+FDSTORE_NODE = "epmd-node-%d"       # FDNAME of a node's connection
+
+
+def is_stored_name(name):
+    """True for the FDNAMEs this daemon gives its fd store entries (so a
+    socket unit's listener, named after its unit, is never taken for one)."""
+    head, _, num = name.rpartition("-")
+    return name == FDSTORE_STATE or (head == "epmd-node" and num.isdigit())
 
 
 def sd_notify_fds(state, fds, environ=os.environ):

@@ -336,6 +336,10 @@ def test_state_round_trip_and_corruption():
     with pytest.raises(epmd.HandoverError):
         epmd.parse_handover_env("1 state=x listen=3")
     assert epmd.parse_handover_env(epmd.format_handover_env(9, [3, 4], [])) == (1, 9, [3, 4], [])
+    # fd store names are never confused with a socket unit's listeners
+    assert epmd.is_stored_name("epmd-node-12") and epmd.is_stored_name("epmd-state")
+    assert not any(epmd.is_stored_name(n) for n in ("epmd.socket", "epmd-node.socket",
+                                                     "epmd-local.socket", "epmd-node-x"))
 
 
 def test_request_in_flight_is_handed_over(start_ours):
