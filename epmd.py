@@ -58,6 +58,11 @@ C sources carry its name (epmd_srv.c unless said):
     listening sockets          parse_addresses, open_listen_sockets (the
                                part of run before the loop),
                                systemd_listen_sockets, sd_notify
+    hand-over                  re-exec on SIGUSR2 (D16): pack_state,
+                               unpack_state, take_handover; FdStore (systemd's
+                               fd store); the Handover mixin of Epmd
+                               (handover_state, reexec, restore_handover,
+                               fdstore_sync)
     server                     Epmd: run, handle, check_timeouts, do_accept,
                                conn_open, set_state, epmd_conn_close, do_read,
                                do_request and one do_*_req method per
@@ -205,6 +210,7 @@ DUMP_OLD_LINE = b"old/unused name <%s>, port = %d, fd = %d \n\0"
 
 SD_READY = "READY=1\nSTATUS=Processing port mapping requests...\nMAINPID=%d"
 SD_EXITED = "STATUS=Exited.\nERRNO=%d"
+SD_RELOADING = "RELOADING=1\nSTATUS=Handing over to a new image...\nMONOTONIC_USEC=%d"
 
 # ---------------------------------------------------------------------------
 # Debug output (OTP epmd.c: dbg_printf, dbg_tty_printf, dbg_perror;
@@ -498,10 +504,11 @@ class NodeTable:
     grow without bound.  *clock* returns Unix time in seconds.
     """
 
-    __slots__ = ("reg", "unreg", "max_unreg", "log", "clock", "names")
+    __slots__ = ("reg", "unreg", "max_unreg", "log", "clock", "names", "serial")
 
     def __init__(self, log, max_unreg=MAX_UNREG_COUNT, clock=time.time):
         self.names = None           # the NAMES_RESP lines, joined, until the next change
+        self.serial = 0             # + 1 on every change (the fd store follows it)
         self.reg = {}
         self.unreg = {}
         self.max_unreg = max_unreg
@@ -562,6 +569,7 @@ class NodeTable:
         node.extra = req.extra
         node.resp = None
         self.reg[name] = node
+        self.serial += 1
         self.names = None
         log.dbg_tty_printf(1, "registering '%s:%d', port %d", name, node.creation, node.port)
         if req.highvsn != 0:
@@ -580,6 +588,7 @@ class NodeTable:
         self.log.dbg_tty_printf(1, "unregistering '%s:%d', port %d",
                                 node.name, node.creation, node.port)
         del self.reg[node.name]
+        self.serial += 1
         self.names = None
         if node.conn is not None:
             node.conn.node = None
@@ -634,6 +643,19 @@ class NodeTable:
         lines.append("*****     unreg counter         : %d\r\n" % len(self.unreg))
         lines.append("*****     unreg calculated count: %d\r\n" % len(self.unreg))
         log.write("".join(lines))
+
+    def node_restore(self, node, conn):
+        """Put *node*, handed over by the previous image (see Hand-over), back
+        in the table: registered, linked both ways to *conn*, or with *conn*
+        None on the unreg list (appended: the oldest comes first)."""
+        if conn is None:
+            self.unreg[node.name] = node
+            return
+        node.conn = conn
+        conn.node = node
+        self.reg[node.name] = node
+        self.names = None
+        self.serial += 1
 
     def port2_resp(self, name):
         """Return the PORT2_RESP for *name* ('w' 1 when it is not registered),
@@ -903,29 +925,40 @@ def open_listen_sockets(addresses, port, log):
     return socks
 
 
-def systemd_listen_sockets(environ):
+def systemd_listen_sockets(environ, stored=None):
     """Return the listening sockets systemd passed (socket activation).
 
     Reads LISTEN_PID (must be this process, if set) and LISTEN_FDS; the
     sockets are fds 3, 4, ...  Raises StartupError when there are none or
     more than MAX_LISTEN_SOCKETS.  The variables are removed from *environ*
-    so that children do not inherit them.  Source: sd_listen_fds(3).
+    so that children do not inherit them.  Descriptors that LISTEN_FDNAMES
+    (names separated by ':') gives our fd store names (is_stored_name) come
+    from the fd store: they go into the dict *stored* (name -> fd), not among the
+    listeners (see the hand-over section).  Source: sd_listen_fds(3).
     """
     pid = environ.pop("LISTEN_PID", None)
     fds = environ.pop("LISTEN_FDS", None)
-    environ.pop("LISTEN_FDNAMES", None)
+    fdnames = environ.pop("LISTEN_FDNAMES", None)
+    fdnames = fdnames.split(":") if fdnames else []
     count = 0
     if fds is not None and (pid is None or pid.strip() == str(os.getpid())):
         try:
             count = int(fds)
         except ValueError:
             raise StartupError("cannot obtain sockets from systemd: LISTEN_FDS=%r" % fds) from None
+    fd_range = range(SYSTEMD_FIRST_FD, SYSTEMD_FIRST_FD + max(count, 0))
+    if stored is not None:
+        for i, fd in enumerate(fd_range):
+            if i < len(fdnames) and is_stored_name(fdnames[i]):
+                stored[fdnames[i]] = fd
+        fd_range = [fd for fd in fd_range if fd not in stored.values()]
+        count = len(fd_range)
     if count <= 0:
         raise StartupError("systemd provides no sockets")
     if count > MAX_LISTEN_SOCKETS:
         raise StartupError("cannot listen on more than %d IP addresses" % MAX_LISTEN_SOCKETS)
     socks = []
-    for fd in range(SYSTEMD_FIRST_FD, SYSTEMD_FIRST_FD + count):
+    for fd in fd_range:
         try:
             sock = socket.socket(fileno=fd)
         except OSError as e:
@@ -957,6 +990,685 @@ def sd_notify(state, environ=os.environ):
 
 
 # ---------------------------------------------------------------------------
+# Hand-over: restart without loss (no OTP counterpart)
+# ---------------------------------------------------------------------------
+#
+# A node's registration is its TCP connection to epmd, so a restart of OTP's
+# epmd unregisters every node on the host.  On SIGUSR2 epmd.py re-executes
+# itself in place (same PID, the program file read again from disk) and hands
+# the new image everything it holds (D16):
+#
+#   old image                               new image (same PID)
+#   ---------                               --------------------
+#   SIGUSR2 -> reexec_wanted, wake-up byte
+#   end of the wake-up: reexec()
+#     the new file must compile, else stay
+#     [-systemd: RELOADING=1]
+#     handover_state(): the walk over
+#       the connections
+#     state -> memfd; listeners, connections
+#       and memfd made inheritable
+#     execve(python, script, same argv,       main(): $EPMD_PY_HANDOVER names the
+#       $EPMD_PY_HANDOVER)  ------------->      fds; the state is read (or, if it
+#     (execve failed: log, keep serving)        cannot be, only the listeners kept)
+#                                             bind(): adopt_listeners()
+#                                             run(): handover_resume() rebuilds
+#                                               nodes and connections, then serves
+#                                             [-systemd: READY=1]
+#
+# The listening sockets are never closed, so the kernel queues connections
+# while the new image starts; nothing is refused.  Connections in flight are
+# handed over with their buffers (the part of a request read so far, the part
+# of a reply not yet written): the new image carries on where the old one
+# stopped.  A node whose connection closed meanwhile reads as EOF in the new
+# image's first wake-up and is unregistered then.
+#
+# The state (bytes):
+#   HANDOVER_HEADER: 12s magic "EPMDPY-STATE", u16 format version, u32 body
+#   length (bytes), u32 CRC-32 of the body; then the body, UTF-8 JSON:
+#   {"options": {...}, "listeners": [fd, ...],
+#    "conns": [{"fd", "local_peer", "mod_time", "start_time", "want", "buf",
+#               "out", "one_read", "state", "fdname"}, ...],
+#    "nodes": [NODE, ...] (registration order), "unreg": [NODE, ...] (oldest
+#    first), "fdstore": {...} or null}
+#   NODE: {"name", "fd", "port", "nodetype", "protocol", "highvsn", "lowvsn",
+#          "extra", "cr_counter"}; bytes (names, extras, buffers) as base64.
+# $EPMD_PY_HANDOVER: "<version> state=<fd> listen=<fd>,... conns=<fd>,...",
+# so that even a new image that cannot read the state knows which of its
+# descriptors are listeners (kept) and which are connections (closed).
+
+HANDOVER_ENV = "EPMD_PY_HANDOVER"
+HANDOVER_VERSION = 1
+HANDOVER_MAGIC = b"EPMDPY-STATE"
+HANDOVER_HEADER = struct.Struct(">12sHII")  # magic, version, body length, crc32
+HANDOVER_OPTIONS = ("port", "addresses", "relaxed", "packet_timeout", "delay_accept",
+                    "delay_write", "systemd")
+HANDOVER_NODE_INTS = ("fd", "port", "nodetype", "protocol", "highvsn", "lowvsn", "cr_counter")
+
+
+class HandoverError(ValueError):
+    """State handed over by the previous image that cannot be used: wrong
+    magic or format version, truncated, corrupt (CRC-32), or malformed."""
+
+
+def handover_supported(platform=None):
+    """True where the re-exec hand-over works: Linux (memfd_create, fds kept
+    across execve).  Elsewhere SIGUSR2 is refused with a log line."""
+    platform = sys.platform if platform is None else platform
+    return platform.startswith("linux") and hasattr(os, "memfd_create")
+
+
+def _b64(data):
+    import base64
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text_):
+    import base64
+    import binascii
+    try:
+        return base64.b64decode(text_.encode("ascii"), validate=True)
+    except (AttributeError, UnicodeError, binascii.Error) as e:
+        raise HandoverError("bad base64 field: %s" % e) from None
+
+
+def node_record(node):
+    """Return the JSON-able record of a Node (see the state layout above)."""
+    rec = {k: getattr(node, k) for k in HANDOVER_NODE_INTS}
+    rec["name"] = _b64(node.name)
+    rec["extra"] = _b64(node.extra)
+    return rec
+
+
+def node_from_record(rec):
+    """Return a Node (no connection) from node_record's output; raises
+    HandoverError for a missing or ill-typed field."""
+    try:
+        node = Node(_unb64(rec["name"]), int(rec["cr_counter"]) & CREATION_MASK)
+        for k in HANDOVER_NODE_INTS[:-1]:
+            value = rec[k]
+            if not isinstance(value, int):
+                raise HandoverError("node field %s is not an integer" % k)
+            setattr(node, k, value)
+        node.extra = _unb64(rec["extra"])
+    except (KeyError, TypeError) as e:
+        raise HandoverError("bad node record: %r" % e) from None
+    return node
+
+
+def pack_state(state):
+    """Return the bytes of the state dict *state*: HANDOVER_HEADER then the
+    JSON body (see the layout above)."""
+    import json
+    import zlib
+    body = json.dumps(state, separators=(",", ":")).encode("utf-8")
+    return HANDOVER_HEADER.pack(HANDOVER_MAGIC, HANDOVER_VERSION, len(body),
+                                zlib.crc32(body)) + body
+
+
+def unpack_state(data):
+    """Return the state dict packed by pack_state.  Raises HandoverError for
+    another magic or format version, a short or corrupt body, bad JSON."""
+    import json
+    import zlib
+    if len(data) < HANDOVER_HEADER.size:
+        raise HandoverError("state too short (%d bytes)" % len(data))
+    magic, version, size, crc = HANDOVER_HEADER.unpack_from(data)
+    if magic != HANDOVER_MAGIC:
+        raise HandoverError("not an epmd.py state")
+    if version != HANDOVER_VERSION:
+        raise HandoverError("state format version %d, this image reads %d"
+                            % (version, HANDOVER_VERSION))
+    body = data[HANDOVER_HEADER.size:HANDOVER_HEADER.size + size]
+    if len(body) != size or zlib.crc32(body) != crc:
+        raise HandoverError("state corrupt (length or CRC-32 mismatch)")
+    try:
+        state = json.loads(body.decode("utf-8"))
+    except ValueError as e:
+        raise HandoverError("state is not valid JSON: %s" % e) from None
+    if not isinstance(state, dict):
+        raise HandoverError("state is not a JSON object")
+    return state
+
+
+def write_state_fd(data):
+    """Return a new memfd (inheritable, offset 0) holding *data*."""
+    fd = os.memfd_create("epmd-handover", 0)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_state_fd(fd):
+    """Return all bytes of descriptor *fd* from offset 0 (the caller closes it)."""
+    chunks = []
+    offset = 0
+    while True:
+        data = os.pread(fd, 1 << 20, offset)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+        offset += len(data)
+
+
+def format_handover_env(state_fd, listen_fds, conn_fds):
+    """Return $EPMD_PY_HANDOVER for these descriptors (see above)."""
+    return "%d state=%d listen=%s conns=%s" % (
+        HANDOVER_VERSION, state_fd, ",".join(map(str, listen_fds)), ",".join(map(str, conn_fds)))
+
+
+def parse_handover_env(value):
+    """Parse $EPMD_PY_HANDOVER; return (version, state fd, listening fds,
+    connection fds).  Raises HandoverError when it is malformed."""
+    try:
+        version, *fields = value.split(" ")
+        kv = dict(f.split("=", 1) for f in fields)
+        fds = [[int(x) for x in kv[k].split(",") if x] for k in ("listen", "conns")]
+        return int(version), int(kv["state"]), fds[0], fds[1]
+    except (ValueError, KeyError) as e:
+        raise HandoverError("bad %s=%r: %s" % (HANDOVER_ENV, value, e)) from None
+
+
+def adopt_socket(fd, blocking):
+    """Return the socket object for inherited descriptor *fd*, no longer
+    inheritable; accepted sockets are of the plain C socket type, as accept()
+    makes them, and stay in blocking mode (MSG_DONTWAIT on every call)."""
+    os.set_inheritable(fd, False)
+    probe = socket.socket(fileno=fd)
+    family = int(probe.family)
+    probe.detach()
+    if not blocking:
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        return sock
+    return socket.SocketType(family, socket.SOCK_STREAM, 0, fd)
+
+
+def check_image(path):
+    """Raise SyntaxError, ValueError or OSError unless the program file
+    *path* compiles (run before a re-exec, so a broken upgrade is refused)."""
+    with open(path, "rb") as f:
+        source = f.read()
+    compile(source, path, "exec", dont_inherit=True)
+
+
+def options_from_state(opts, state):
+    """Return *opts* (parse_args' dict) with the options of the image that
+    handed *state* over: port, addresses, debug level, relaxed, time-outs,
+    daemon and systemd mode; a malformed options record leaves *opts*."""
+    try:
+        o = state["options"]
+        new = dict(opts)
+        new.update(port=int(o["port"]), address=o["addresses"], debug=int(o["debug"]),
+                   relaxed=bool(o["relaxed"]), packet_timeout=int(o["packet_timeout"]),
+                   delay_accept=int(o["delay_accept"]), delay_write=int(o["delay_write"]),
+                   daemon=bool(o["is_daemon"]), systemd=bool(o["systemd"]))
+        return new
+    except (KeyError, TypeError, ValueError):
+        return opts
+
+
+def take_handover(environ, log):
+    """In a new image: pop $EPMD_PY_HANDOVER from *environ* and read what the
+    previous image passed.  Returns None without the variable, else a dict:
+    "listen" (fds), "conns" (fds), "state" (the state dict, or None when it
+    could not be read: logged, and the image starts with the listeners
+    only).  Raises HandoverError when the variable itself is malformed."""
+    value = environ.pop(HANDOVER_ENV, None)
+    if value is None:
+        return None
+    version, state_fd, listen, conns = parse_handover_env(value)
+    state = None
+    try:
+        if version != HANDOVER_VERSION:
+            raise HandoverError("hand-over version %d, this image reads %d"
+                                % (version, HANDOVER_VERSION))
+        state = unpack_state(read_state_fd(state_fd))
+    except (HandoverError, OSError) as e:
+        log.dbg_printf(0, "cannot read the state handed over (%s): starting with the "
+                       "listening sockets only; nodes will register again", e)
+    finally:
+        try:
+            os.close(state_fd)
+        except OSError:
+            pass
+    return {"listen": listen, "conns": conns, "state": state}
+
+
+# systemd's file descriptor store (systemd >= 254 announces it in $FDSTORE):
+# a kill -9, an OOM kill or `systemctl restart` ends the process, so a
+# re-exec cannot help.  With -systemd and $FDSTORE > 0, every registered
+# node's socket is pushed to the store as it registers ("FDSTORE=1",
+# "FDNAME=epmd-node-<n>", the socket in SCM_RIGHTS) and removed as it
+# unregisters ("FDSTOREREMOVE=1"); one memfd, "epmd-state", stored once,
+# holds the state above, rewritten in place after every change of the node
+# table.  On the next start LISTEN_FDNAMES tells the socket unit's listeners
+# from these; the state is read and each node is matched to its socket by
+# name.  Sources: sd_notify(3), sd_listen_fds(3), systemd.io "The File
+# Descriptor Store".
+
+FDSTORE_ENV = "FDSTORE"             # set by systemd to FileDescriptorStoreMax=
+FDSTORE_STATE = "epmd-state"        # FDNAME of the state memfd
+FDSTORE_NODE = "epmd-node-%d"       # FDNAME of a node's connection
+
+
+def is_stored_name(name):
+    """True for the FDNAMEs this daemon gives its fd store entries (so a
+    socket unit's listener, named after its unit, is never taken for one)."""
+    head, _, num = name.rpartition("-")
+    return name == FDSTORE_STATE or (head == "epmd-node" and num.isdigit())
+
+
+def sd_notify_fds(state, fds, environ=os.environ):
+    """sd_notify() with descriptors *fds* attached (SCM_RIGHTS), as
+    sd_pid_notify_with_fds(3) sends them.  Returns True if sent."""
+    path = environ.get("NOTIFY_SOCKET")
+    if not path or path[0] not in "/@":
+        return False
+    if path[0] == "@":
+        path = "\0" + path[1:]
+    import array
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendmsg([state.encode()],
+                      [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())],
+                      0, path)
+        return True
+    except OSError:
+        return False
+
+
+class FdStore:
+    """This daemon's entries in systemd's fd store.
+
+    ``state_fd`` is the stored memfd of the state, ``names`` maps the fd of
+    each stored node connection to (Connection, FDNAME), ``seq`` numbers the
+    next FDNAME, ``serial`` is the NodeTable.serial the stored state shows,
+    ``restored`` maps FDNAME -> fd for what systemd passed back at start
+    (until handover_resume takes it), ``limit`` is $FDSTORE.
+    """
+
+    __slots__ = ("environ", "log", "state_fd", "names", "seq", "serial", "restored", "limit",
+                 "warned")
+
+    def __init__(self, environ, log, state_fd, limit):
+        self.environ = environ
+        self.log = log
+        self.state_fd = state_fd
+        self.names = {}
+        self.seq = 0
+        self.serial = -1
+        self.restored = {}
+        self.limit = limit
+        self.warned = False
+
+    @staticmethod
+    def limit_of(environ):
+        try:
+            return int(environ.get(FDSTORE_ENV, "0"))
+        except ValueError:
+            return 0
+
+    @classmethod
+    def open(cls, environ, stored, log):
+        """At a start under systemd: return the FdStore, or None when the unit
+        has no store ($FDSTORE unset or 0; descriptors passed back anyway are
+        closed).  *stored* maps FDNAME -> fd of what systemd passed back; the
+        state memfd is taken from it, or made and pushed."""
+        limit = cls.limit_of(environ)
+        if limit <= 0 or not hasattr(os, "memfd_create"):
+            for fd in stored.values():
+                os.close(fd)
+            return None
+        state_fd = stored.pop(FDSTORE_STATE, None)
+        if state_fd is None:
+            state_fd = os.memfd_create(FDSTORE_STATE)
+            sd_notify_fds("FDSTORE=1\nFDNAME=%s" % FDSTORE_STATE, [state_fd], environ)
+        else:
+            os.set_inheritable(state_fd, False)
+        store = cls(environ, log, state_fd, limit)
+        store.restored = stored
+        store.seq = 1 + max([int(n.rsplit("-", 1)[1]) for n in stored
+                             if n.rsplit("-", 1)[1].isdigit()] or [-1])
+        return store
+
+    @classmethod
+    def adopt(cls, environ, record, log):
+        """In a re-executed image: the FdStore the old image used (*record*
+        from the state), or None."""
+        try:
+            state_fd, seq = int(record["state_fd"]), int(record["seq"])
+            os.set_inheritable(state_fd, False)
+        except (KeyError, TypeError, ValueError, OSError):
+            return None
+        store = cls(environ, log, state_fd, cls.limit_of(environ))
+        store.seq = seq
+        return store
+
+    def record(self):
+        return {"state_fd": self.state_fd, "seq": self.seq}
+
+    def push(self, fd):
+        """Store connection *fd*; return its FDNAME, or None if not sent."""
+        if len(self.names) + 1 >= self.limit and not self.warned:
+            self.warned = True
+            self.log.dbg_printf(0, "FileDescriptorStoreMax=%d is reached: more nodes will not "
+                                "survive a restart", self.limit)
+        name = FDSTORE_NODE % self.seq
+        self.seq += 1
+        if sd_notify_fds("FDSTORE=1\nFDNAME=%s" % name, [fd], self.environ):
+            return name
+        return None
+
+    def remove(self, name):
+        """Remove (and have systemd close) the entries named *name*."""
+        sd_notify("FDSTOREREMOVE=1\nFDNAME=%s" % name, self.environ)
+
+    def write(self, data):
+        """Replace the state in the stored memfd (the CRC-32 in the header
+        shows a write that a kill cut short)."""
+        os.pwrite(self.state_fd, data, 0)
+        os.ftruncate(self.state_fd, len(data))
+
+    def restart_handover(self):
+        """After a restart with stored descriptors: return the hand-over
+        dict (as take_handover's) rebuilt from the stored state, each node's
+        connection found by its FDNAME; nodes whose socket is missing go to
+        the unreg list (their creation kept)."""
+        restored, self.restored = self.restored, {}
+        handover = {"listen": [], "conns": list(restored.values()), "state": None,
+                    "unused": dict(restored)}
+        try:
+            state = unpack_state(read_state_fd(self.state_fd))
+            moved = {}
+            conns = []
+            for rec in state["conns"]:
+                name = rec.get("fdname")
+                if name in restored:
+                    moved[rec["fd"]] = restored[name]
+                    conns.append(dict(rec, fd=restored[name]))
+            lost = [r for r in state["nodes"] if r["fd"] not in moved]
+            state["nodes"] = [dict(r, fd=moved[r["fd"]]) for r in state["nodes"]
+                              if r["fd"] in moved]
+            state["unreg"] = list(state["unreg"]) + lost
+            state["conns"] = conns
+            handover["state"] = state
+        except (HandoverError, OSError, KeyError, TypeError, AttributeError) as e:
+            self.log.dbg_printf(0, "cannot read the state in systemd's fd store (%s): starting "
+                                "with the listening sockets only; nodes will register again", e)
+        return handover
+
+
+class Handover:
+    """The hand-over part of Epmd (a mixin: these are Epmd's methods).
+
+    Uses Epmd's listeners, conns, pending, nodes, sel, log and options, and
+    the attributes script, reexec_wanted, wakeup and handover.
+    """
+
+    def request_reexec(self, signum=None, frame=None):
+        """SIGUSR2 handler: only set the flag; the loop acts on it after the
+        wake-up (the wake-up socket makes sure there is one)."""
+        self.reexec_wanted = True
+
+    def install_reexec_signal(self):
+        """Make SIGUSR2 request a re-exec, waking the loop through a socket
+        pair given to signal.set_wakeup_fd (main thread only)."""
+        if not hasattr(signal, "SIGUSR2"):
+            return
+        rsock, wsock = socket.socketpair()
+        rsock.setblocking(False)
+        wsock.setblocking(False)
+        signal.set_wakeup_fd(wsock.fileno(), warn_on_full_buffer=False)
+        self.wakeup = (rsock, wsock)
+        signal.signal(signal.SIGUSR2, self.request_reexec)
+        # reexec() blocks SIGUSR2 across execve, so that a second signal
+        # cannot kill the new image before this handler is in place
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})
+
+    def drain_wakeup(self):
+        """Read the bytes signals wrote to the wake-up socket, so that the
+        selector does not report it again."""
+        if self.wakeup is not None:
+            try:
+                while self.wakeup[0].recv(4096):
+                    pass
+            except OSError:
+                pass
+
+    def handover_state(self):
+        """The walk over the connections: return the state dict to hand over.
+
+        Every connection goes over as it is: a registered node's (kept,
+        ``conn.node`` set) with its Node; one in flight with the bytes of its
+        request read so far, or of its reply not yet written, and its
+        time-out clock (monotonic seconds, the same clock in the new image).
+        The node table goes over in registration order, the unreg list
+        oldest first, each Node with all its fields and creation counter.
+        """
+        stored = self.fdstore.names if self.fdstore is not None else {}
+        conns = []
+        for conn in self.conns.values():
+            entry = stored.get(conn.fd)
+            conns.append({"fd": conn.fd, "local_peer": conn.local_peer,
+                          "mod_time": conn.mod_time, "want": conn.want,
+                          "buf": _b64(bytes(conn.buf)), "out": _b64(bytes(conn.out)),
+                          "start_time": conn.start_time, "one_read": conn.one_read,
+                          "state": conn.state,
+                          "fdname": entry[1] if entry and entry[0] is conn else None})
+        nodes = self.nodes
+        options = {k: getattr(self, k) for k in HANDOVER_OPTIONS}
+        options["debug"] = self.log.level
+        options["is_daemon"] = self.log.is_daemon
+        return {"options": options,
+                "listeners": [ls.fileno() for ls in self.listeners],
+                "conns": conns,
+                "nodes": [node_record(n) for n in nodes.reg.values()],
+                "unreg": [node_record(n) for n in nodes.unreg.values()],
+                "fdstore": self.fdstore.record() if self.fdstore is not None else None}
+
+    def reexec(self):
+        """Re-execute the program in place, handing everything over (D16).
+
+        Refused, with a log line, and the old image keeps serving: off Linux,
+        when the program file does not compile, when execve fails.
+        """
+        log = self.log
+        self.reexec_wanted = False
+        self.drain_wakeup()
+        if not handover_supported():
+            log.dbg_printf(0, "SIGUSR2 ignored: re-exec with hand-over needs Linux (this is %s)",
+                           sys.platform)
+            return
+        script = self.script
+        if not script or not sys.executable:
+            log.dbg_printf(0, "SIGUSR2 ignored: the program file or interpreter is unknown")
+            return
+        try:
+            check_image(script)
+            module = os.path.abspath(__file__)
+            if module != script:        # the `epmd` console script imports this file
+                check_image(module)
+        except (OSError, SyntaxError, ValueError) as e:
+            log.dbg_printf(0, "re-exec refused, the old image keeps serving: %s does not "
+                           "compile: %s", script, e)
+            return
+        if self.systemd:
+            sd_notify(SD_RELOADING % (time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
+        state = self.handover_state()
+        listen = [ls.fileno() for ls in self.listeners]
+        conn_fds = [c["fd"] for c in state["conns"]]
+        passed = listen + conn_fds
+        if self.fdstore is not None:
+            passed.append(self.fdstore.state_fd)
+        state_fd = -1
+        try:
+            state_fd = write_state_fd(pack_state(state))
+            passed.append(state_fd)
+            for fd in passed:
+                os.set_inheritable(fd, True)
+            env = dict(os.environ)
+            env[HANDOVER_ENV] = format_handover_env(state_fd, listen, conn_fds)
+            argv = [sys.executable, script] + list(self.argv)
+            log.dbg_printf(0, "SIGUSR2: re-executing %s, handing over %d nodes, %d connections",
+                           script, len(state["nodes"]), len(conn_fds))
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+            os.execve(sys.executable, argv, env)
+        except OSError as e:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})
+            log.dbg_perror(e, "re-exec failed, the old image keeps serving")
+            for fd in passed:
+                try:
+                    os.set_inheritable(fd, False)
+                except OSError:
+                    pass
+            if state_fd >= 0:
+                os.close(state_fd)
+            if self.systemd:
+                sd_notify(SD_READY % os.getpid())
+
+    def fdstore_sync(self):
+        """Bring systemd's fd store up to date with the node table: push the
+        sockets of new nodes, remove those of gone ones (compared by
+        Connection, as a descriptor number may be reused at once), then
+        rewrite the state memfd.  Runs at the end of a wake-up that changed
+        the table."""
+        store = self.fdstore
+        want = {n.conn.fd: n.conn for n in self.nodes.reg.values() if n.conn is not None}
+        for fd, (conn, name) in list(store.names.items()):
+            if want.get(fd) is not conn:
+                store.remove(name)
+                del store.names[fd]
+        for fd, conn in want.items():
+            if fd not in store.names:
+                name = store.push(fd)
+                if name is not None:
+                    store.names[fd] = (conn, name)
+        try:
+            store.write(pack_state(self.handover_state()))
+        except OSError as e:
+            self.log.dbg_perror(e, "cannot write the state to systemd's fd store")
+        store.serial = self.nodes.serial
+
+    def adopt_listeners(self):
+        """bind() of a new image: take the listening sockets handed over."""
+        self.listeners = [adopt_socket(fd, blocking=False) for fd in self.handover["listen"]]
+        if not self.listeners:
+            raise StartupError("no listening sockets handed over")
+        state = self.handover["state"]
+        if self.systemd and state is not None and state.get("fdstore"):
+            self.fdstore = FdStore.adopt(os.environ, state["fdstore"], self.log)
+        self.max_conn = self.conn_limit()
+        self.local_reserve = min(LOCAL_RESERVE, self.max_conn // 2)
+
+    def handover_resume(self):
+        """run() of a new image, before serving: rebuild the connections and
+        the node table from the state, and watch each connection.  Without a
+        usable state the handed-over connections are closed (their nodes
+        register again, as after a restart).  Also watches the wake-up
+        socket of SIGUSR2."""
+        if self.wakeup is not None:
+            self.sel.register(self.wakeup[0], selectors.EVENT_READ, WAKEUP)
+        handover, self.handover = self.handover, None
+        if handover is None and self.fdstore is not None and self.fdstore.restored:
+            handover = self.fdstore.restart_handover()
+        if handover is None:
+            return
+        log = self.log
+        state = handover["state"]
+        restored = {}
+        if state is not None:
+            try:
+                restored = self.restore_handover(state)
+            except HandoverError as e:
+                log.dbg_printf(0, "cannot use the state handed over (%s): starting with the "
+                               "listening sockets only; nodes will register again", e)
+                restored = {}
+        for fd in handover["conns"]:
+            if fd not in restored:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        for name, fd in handover.get("unused", {}).items():
+            if fd not in restored and self.fdstore is not None:
+                self.fdstore.remove(name)
+        for conn in restored.values():
+            self.watch(conn)
+
+    def restore_handover(self, state):
+        """Rebuild the node table and the connections from *state* (made by
+        handover_state); return {fd: Connection}.  Raises HandoverError,
+        leaving the table empty, when the state is malformed."""
+        log = self.log
+        nodes = self.nodes
+        conns = {}
+        try:
+            for rec in state["conns"]:
+                fd = rec["fd"]
+                conn = Connection(None, fd, bool(rec["local_peer"]), int(rec["mod_time"]))
+                conn.start_time = int(rec["start_time"])
+                conn.want = int(rec["want"])
+                conn.buf = _unb64(rec["buf"])
+                conn.out = _unb64(rec["out"])
+                conn.one_read = bool(rec["one_read"])
+                conn.state = {READING: READING, REPLYING: REPLYING, KEPT: KEPT}[rec["state"]]
+                conns[fd] = conn
+                if self.fdstore is not None and rec.get("fdname"):
+                    self.fdstore.names[fd] = (conn, rec["fdname"])
+            reg = [node_from_record(r) for r in state["nodes"]]
+            unreg = [node_from_record(r) for r in state["unreg"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise HandoverError("bad state: %r" % e) from None
+        for node in reg:
+            conn = conns.get(node.fd)
+            if conn is None or conn.state is not KEPT or node.name in nodes.reg:
+                log.dbg_printf(0, "hand-over: no connection for node %s, dropped", node.name)
+                continue
+            nodes.node_restore(node, conn)
+        for node in unreg:
+            nodes.node_restore(node, None)
+        for fd, conn in list(conns.items()):
+            if conn.state is KEPT and conn.node is None:
+                del conns[fd]       # its node was dropped: closed by the caller
+                continue
+            try:
+                conn.sock = adopt_socket(fd, blocking=True)
+            except OSError as e:
+                log.dbg_perror(e, "hand-over: file descriptor %d unusable", fd)
+                del conns[fd]
+                if self.fdstore is not None:
+                    self.fdstore.names.pop(fd, None)
+                if conn.node is not None:
+                    nodes.node_unreg_sock(conn)
+                continue
+            self.conns[fd] = conn
+            if conn.state is not KEPT:
+                self.pending[fd] = conn
+        log.dbg_printf(0, "hand-over: %d nodes, %d old names, %d connections restored",
+                       len(nodes.reg), len(nodes.unreg), len(conns))
+        nodes.print_names()
+        return conns
+
+
+class _Wakeup:
+    """Selector data of the SIGUSR2 wake-up socket: not a connection (its fd
+    is never a key of Epmd.conns): the loop only drains it."""
+
+    __slots__ = ()
+    fd = -1
+
+
+WAKEUP = _Wakeup()
+
+
+# ---------------------------------------------------------------------------
 # Server: the event loop and the requests (OTP epmd_srv.c)
 # ---------------------------------------------------------------------------
 
@@ -972,7 +1684,7 @@ class EpmdExit(BaseException):
         self.code = code
 
 
-class Epmd:
+class Epmd(Handover):
     """The daemon: options, the node table, the connections and the loop.
 
     Options (seconds for times): *port* as configured (reported in NAMES
@@ -1020,6 +1732,12 @@ class Epmd:
         self.spare_fd = -1          # D2: kept open to shed connections on EMFILE
         self.paused_until = 0.0     # D2: listeners rest until this monotonic time
         self.last_tick = 0
+        self.script = None          # hand-over: the program file a re-exec runs
+        self.argv = []              # hand-over: the command line it gets again
+        self.reexec_wanted = False  # hand-over: set by SIGUSR2, acted on by the loop
+        self.wakeup = None          # hand-over: the signal wake-up socket pair
+        self.handover = None        # hand-over: what the previous image passed
+        self.fdstore = None         # hand-over: systemd's fd store (FdStore), if used
 
     # -- start-up ---------------------------------------------------------
 
@@ -1027,9 +1745,14 @@ class Epmd:
         """Open the listening sockets (or take systemd's) and size the
         connection table.  Raises StartupError or AlreadyRunning."""
         log = self.log
+        if self.handover is not None:
+            self.adopt_listeners()
+            return
         if self.systemd:
             log.dbg_printf(2, "try to obtain sockets from systemd")
-            self.listeners = systemd_listen_sockets(os.environ)
+            stored = {}
+            self.listeners = systemd_listen_sockets(os.environ, stored)
+            self.fdstore = FdStore.open(os.environ, stored, log)
         else:
             log.dbg_printf(2, "try to initiate listening port %d", self.port)
             addrs = parse_addresses(self.addresses)
@@ -1089,6 +1812,7 @@ class Epmd:
             sel.register(ls, selectors.EVENT_READ, None)
             self.families[ls.fileno()] = int(ls.family)
         self.open_spare()
+        self.handover_resume()
         if self.systemd:
             sd_notify(SD_READY % os.getpid())
         log.dbg_tty_printf(2, "entering the main select() loop")
@@ -1105,11 +1829,17 @@ class Epmd:
                     conn = key.data
                     if conn is None:
                         self.do_accept(key.fileobj, self.families[key.fd])
+                    elif conn is WAKEUP:
+                        self.drain_wakeup()
                     elif conn.state is not CLOSED:
                         self.handle(conn, mask)
                 if self.paused_until and time.monotonic() >= self.paused_until:
                     self.resume_accept()
                 self.check_timeouts()
+                if self.reexec_wanted:
+                    self.reexec()
+                if self.fdstore is not None and self.fdstore.serial != self.nodes.serial:
+                    self.fdstore_sync()
         except EpmdExit as e:
             return e.code
         finally:
@@ -2093,6 +2823,7 @@ def serve(epmd, ready=None):
     signal.signal(signal.SIGTERM, _terminate)
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, _terminate)
+    epmd.install_reexec_signal()
     code = 0
     try:
         code = epmd.run()
@@ -2197,7 +2928,20 @@ def main(argv=None):
         return kill_epmd(port)
     if action == "stop":
         return stop_cli(port, opts["stop_name"])
+    script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    handover = None
+    try:
+        handover = take_handover(os.environ, DebugLog(opts["debug"], opts["daemon"]))
+    except HandoverError as e:
+        DebugLog(opts["debug"], opts["daemon"]).dbg_printf(0, "%s", e)
+    if handover is not None and handover["state"] is not None:
+        opts = options_from_state(opts, handover["state"])
     epmd = make_daemon(opts)
+    epmd.script = script if script and os.path.isfile(script) else None
+    epmd.argv = list(argv)
+    if handover is not None:
+        epmd.handover = handover    # a re-exec: same PID, already detached
+        return serve(epmd)
     if opts["daemon"]:
         # D15: say before detaching that syslog will swallow every line
         # (OTP's -daemon says nothing).

@@ -255,6 +255,7 @@ class Daemon:
         self.stderr_path = tmp / ("epmd-%s-%d-%d.err" % (impl, port, random.randint(0, 1 << 30)))
         self.proc = None
         self.nofile = None          # (soft, hard) RLIMIT_NOFILE for the daemon
+        self.exe = None             # interpreter and script to run instead of ours
 
     @property
     def pid(self):
@@ -262,6 +263,8 @@ class Daemon:
 
     def command(self):
         exe = [sys.executable, str(EPMD_PY)] if self.impl == "py" else [OTP_EPMD]
+        if self.exe:
+            exe = list(self.exe)
         return exe + self.args
 
     def start(self, wait=True):
@@ -320,6 +323,48 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait(3)
         self._err.close()
+
+
+# -- real Erlang nodes -----------------------------------------------------------
+
+ECHO_LOOP = ("register(echo, self()), "
+             "L = fun Loop() -> receive {From, M} -> From ! {echo, M}, Loop() end end, L().")
+
+
+class Nodes:
+    """Erlang nodes (`erl -sname`) registering with the epmd on *epmd_port*,
+    started by one test or script, each killed by PID at the end."""
+
+    def __init__(self, epmd_port, tmp_path):
+        self.env = base_env(ERL_EPMD_PORT=str(epmd_port), HOME=str(tmp_path))
+        self.procs = []
+        self.tag = "%06d" % random.randint(0, 999999)
+
+    def name(self, base):
+        return "%s_%s" % (base, self.tag)
+
+    def cmd(self, name, code):
+        return [ERL, "-sname", name, "-setcookie", "epmdpytest", "-start_epmd", "false",
+                "-noshell", "-noinput", "-eval", code]
+
+    def start(self, base, code=ECHO_LOOP):
+        p = subprocess.Popen(self.cmd(self.name(base), code), env=self.env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.procs.append(p)
+        return p
+
+    def run(self, base, code, timeout=60):
+        p = subprocess.Popen(self.cmd(self.name(base), code), env=self.env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.procs.append(p)
+        out, _ = p.communicate(timeout=timeout)
+        return p.returncode, out.decode("utf-8", "replace")
+
+    def close(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(10)
 
 
 # -- a second host: a network namespace ----------------------------------------
@@ -456,3 +501,256 @@ def send_fuzzed(port, data):
             read_to_eof(s, 3)
     except OSError:
         pass
+
+
+# -- a lookup load, for restarts and hand-overs ----------------------------------
+
+class LookupLoad:
+    """PORT_PLEASE2_REQs for *names* (bytes), round robin, at about *rate*
+    per second from a thread, until stop().  Counts ``ok`` (PORT2_RESP with
+    result 0), ``missing`` (result 1: the name is not registered), ``errors``
+    (refused, reset, timed out or a short reply) and keeps the monotonic times
+    of the failures (missing or error) and the slowest lookup (seconds)."""
+
+    def __init__(self, port, names, rate=100.0, host="127.0.0.1"):
+        import threading
+        self.port, self.names, self.rate, self.host = port, list(names), rate, host
+        self.ok = self.missing = self.errors = 0
+        self.fail_times = []
+        self.slowest = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def _run(self):
+        i = 0
+        period = 1.0 / self.rate
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            name = self.names[i % len(self.names)]
+            i += 1
+            t0 = time.monotonic()
+            try:
+                reply = request(self.port, b"z" + name, self.host, timeout=5)
+            except OSError:
+                reply = None
+            t1 = time.monotonic()
+            self.slowest = max(self.slowest, t1 - t0)
+            if reply is not None and reply[:2] == b"w\x00":
+                self.ok += 1
+            else:
+                if reply is not None and reply[:2] == b"w\x01":
+                    self.missing += 1
+                else:
+                    self.errors += 1
+                self.fail_times.append(t1)
+            next_at += period
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                self._stop.wait(delay)
+            else:
+                next_at = time.monotonic()
+
+    @property
+    def failed(self):
+        return self.missing + self.errors
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(10)
+        return self
+
+
+def dump(port, host="127.0.0.1"):
+    """DUMP_REQ: the whole reply (header and NUL-terminated lines)."""
+    return request(port, b"d", host)
+
+
+def creation_of(reply):
+    """The creation in an ALIVE2_X_RESP ('v', result, u32) or ALIVE2_RESP
+    ('y', result, u16) reply; None for an error or a short reply."""
+    if len(reply) == 6 and reply[:2] == b"v\x00":
+        return U32.unpack_from(reply, 2)[0]
+    if len(reply) == 4 and reply[:2] == b"y\x00":
+        return U16.unpack_from(reply, 2)[0]
+    return None
+
+
+def register_mixed(port, n, tag="n"):
+    """Register *n* nodes over raw sockets with mixed fields: node types 77
+    (normal) and 72 (hidden), highest version 6 (32-bit creation in
+    ALIVE2_X_RESP) and 5 (16-bit, ALIVE2_RESP), extras of arbitrary bytes
+    (NULs, 0xff) of several lengths, UTF-8 names.  Returns a list of dicts:
+    sock, name (bytes), creation, highvsn."""
+    out = []
+    for i in range(n):
+        name = ("%s%d_\u00f8" % (tag, i)).encode()
+        highvsn = 6 if i % 2 == 0 else 5
+        extra = bytes((i * 7 + k) % 256 for k in range(i % 5 * 3)) + (b"\0\xff" if i % 3 else b"")
+        sock, reply = register(port, name, port=10000 + i, nodetype=77 if i % 4 else 72,
+                               highvsn=highvsn, lowvsn=5, extra=extra)
+        creation = creation_of(reply)
+        if creation is None:
+            sock.close()
+            raise RuntimeError("registration of %r refused: %r" % (name, reply))
+        out.append({"sock": sock, "name": name, "creation": creation, "highvsn": highvsn})
+    return out
+
+
+# -- a stand-in for systemd ------------------------------------------------------
+
+_LAUNCH = """
+import fcntl, os, sys
+i = sys.argv.index("--")
+high = [fcntl.fcntl(int(fd), fcntl.F_DUPFD_CLOEXEC, 1000) for fd in sys.argv[1:i]]
+for n, fd in enumerate(high):
+    os.dup2(fd, 3 + n)
+env = dict(os.environ, LISTEN_PID=str(os.getpid()))
+os.execve(sys.argv[i + 1], sys.argv[i + 1:], env)
+"""
+
+
+class SystemdStandIn:
+    """A stand-in for systemd managing ``epmd.py -systemd`` with a socket unit
+    and a file descriptor store, for CI where systemd is not PID 1.
+
+    Written from systemd's documentation, not its code:
+    - sd_notify(3): the service sends datagrams to the AF_UNIX socket named
+      by $NOTIFY_SOCKET, newline-separated VAR=VALUE lines (READY=1,
+      RELOADING=1 with MONOTONIC_USEC=, STATUS=, MAINPID=, ERRNO=);
+      FDSTORE=1 stores the descriptors attached as SCM_RIGHTS under FDNAME=
+      (default "stored"), FDSTOREREMOVE=1 closes and drops all entries named
+      FDNAME=.
+    - "The File Descriptor Store" (systemd.io): at most FileDescriptorStoreMax
+      entries (*limit*, announced to the service in $FDSTORE); an entry that
+      shows POLLHUP or POLLERR is closed and dropped; the entries are passed
+      back on the next start, after the socket unit's descriptors.
+    - sd_listen_fds(3): the descriptors start at 3, $LISTEN_FDS counts them,
+      $LISTEN_PID is the service's PID, $LISTEN_FDNAMES names them, ':'
+      separated (a socket unit's descriptors by the unit's name).
+    *messages* keeps (monotonic time, {VAR: VALUE}) of every datagram.
+    """
+
+    def __init__(self, tmp, port, args=(), limit=64, unit="epmd.socket"):
+        import threading
+        self.tmp, self.port, self.args, self.limit, self.unit = tmp, port, list(args), limit, unit
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", port))
+        self.listener.listen(socket.SOMAXCONN)
+        self.notify_path = str(tmp / ("notify-%d" % port))
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(self.notify_path)
+        self.store = []             # [(name, fd)] in the order stored
+        self.messages = []
+        self.lock = threading.Lock()
+        self.proc = None
+        self.err_path = tmp / ("systemd-standin-%d.err" % port)
+        self._err = open(self.err_path, "ab")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    # the notify socket and the store
+    def _serve(self):
+        import select
+        while not self._stop.is_set():
+            poller = select.poll()
+            poller.register(self.notify, select.POLLIN)
+            with self.lock:
+                for _, fd in self.store:
+                    poller.register(fd, 0)      # POLLHUP/POLLERR are always reported
+            for fd, ev in poller.poll(100):
+                if fd == self.notify.fileno():
+                    self._receive()
+                elif ev & (select.POLLHUP | select.POLLERR):
+                    with self.lock:
+                        for entry in [e for e in self.store if e[1] == fd]:
+                            self.store.remove(entry)
+                            os.close(fd)
+
+    def _receive(self):
+        import array
+        fds = array.array("i")
+        try:
+            data, anc, _, _ = self.notify.recvmsg(4096, socket.CMSG_SPACE(253 * fds.itemsize))
+        except OSError:
+            return
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+        fields = dict(line.split("=", 1) for line in data.decode().split("\n") if "=" in line)
+        with self.lock:
+            self.messages.append((time.monotonic(), fields))
+            if fields.get("FDSTORE") == "1":
+                name = fields.get("FDNAME", "stored")
+                for fd in fds:
+                    if len(self.store) < self.limit:
+                        self.store.append((name, fd))
+                    else:
+                        os.close(fd)
+                return
+            if fields.get("FDSTOREREMOVE") == "1":
+                name = fields.get("FDNAME")
+                for entry in [e for e in self.store if e[0] == name]:
+                    self.store.remove(entry)
+                    os.close(entry[1])
+        for fd in fds:                      # not for the store: dropped
+            os.close(fd)
+
+    def stored_names(self):
+        with self.lock:
+            return [name for name, _ in self.store]
+
+    def saw(self, var, value="1"):
+        """How many datagrams set *var* to *value*."""
+        with self.lock:
+            return sum(1 for _, m in self.messages if m.get(var) == value)
+
+    # the service
+    def start(self):
+        with self.lock:
+            entries = [(self.unit, self.listener.fileno())] + list(self.store)
+        env = base_env(NOTIFY_SOCKET=self.notify_path, LISTEN_FDS=str(len(entries)),
+                       LISTEN_FDNAMES=":".join(name for name, _ in entries),
+                       FDSTORE=str(self.limit))
+        if not self.limit:
+            del env["FDSTORE"]
+        fds = [fd for _, fd in entries]
+        cmd = ([sys.executable, "-c", _LAUNCH] + [str(fd) for fd in fds] + ["--", sys.executable,
+               str(EPMD_PY), "-systemd"] + self.args)
+        self.proc = subprocess.Popen(cmd, env=env, pass_fds=fds, stdin=subprocess.DEVNULL,
+                                     stdout=self._err, stderr=self._err)
+        return self
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def wait_ready(self, count, timeout=15.0):
+        """Wait until READY=1 was received *count* times in all."""
+        return wait_until(lambda: self.saw("READY") >= count, timeout)
+
+    def kill9(self):
+        self.proc.kill()
+        self.proc.wait(5)
+
+    def stderr(self):
+        return self.err_path.read_bytes().decode("utf-8", "replace")
+
+    def close(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self._stop.set()
+        self._thread.join(5)
+        with self.lock:
+            for _, fd in self.store:
+                os.close(fd)
+            self.store = []
+        self.notify.close()
+        self.listener.close()
+        self._err.close()

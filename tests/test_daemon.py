@@ -72,6 +72,12 @@ def reaper():
             pass
 
 
+def without_syslog_warning(err):
+    """*err* less the D15 warning that -daemon prints when /dev/log is missing."""
+    lines = err.splitlines(keepends=True)
+    return b"".join(line for line in lines if not line.startswith(b"epmd: warning: no syslog at "))
+
+
 def run_epmd(args, env=None, timeout=30):
     p = subprocess.run([sys.executable, str(EPMD_PY)] + args, capture_output=True, timeout=timeout,
                        env=env or base_env())
@@ -86,7 +92,8 @@ def test_daemon_detaches_serves_and_is_killed(reaper):
     serves, and -kill stops it."""
     port = free_port()
     rc, out, err = run_epmd(["-daemon", "-port", str(port), "-address", "127.0.0.1"])
-    assert (rc, out, err) == (0, b"", b"")
+    # D15: without /dev/log (this host may have none) the one line says so
+    assert (rc, out, without_syslog_warning(err)) == (0, b"", b"")
     pids = find_pids(str(EPMD_PY), "-daemon", str(port))
     reaper.extend(pids)
     assert len(pids) == 1

@@ -7,17 +7,13 @@ missing `erl` is a failure.
 """
 
 import os
-import random
 import signal
 import subprocess
 
 import pytest
-from helpers import ERL, OTP_EPMD, Daemon, base_env, free_port, log_shape, need, registered, wait_until
+from helpers import ERL, OTP_EPMD, Daemon, Nodes, base_env, free_port, log_shape, need, registered, wait_until
 
 pytestmark = pytest.mark.timeout(120)
-
-ECHO_LOOP = ("register(echo, self()), "
-             "L = fun Loop() -> receive {From, M} -> From ! {echo, M}, Loop() end end, L().")
 
 
 @pytest.fixture
@@ -29,41 +25,6 @@ def ours(tmp_path):
     d.start()
     yield d
     d.stop()
-
-
-class Nodes:
-    """Erlang nodes started by one test, each killed by PID at the end."""
-
-    def __init__(self, epmd_port, tmp_path):
-        self.env = base_env(ERL_EPMD_PORT=str(epmd_port), HOME=str(tmp_path))
-        self.procs = []
-        self.tag = "%06d" % random.randint(0, 999999)
-
-    def name(self, base):
-        return "%s_%s" % (base, self.tag)
-
-    def cmd(self, name, code):
-        return [ERL, "-sname", name, "-setcookie", "epmdpytest", "-start_epmd", "false",
-                "-noshell", "-noinput", "-eval", code]
-
-    def start(self, base, code=ECHO_LOOP):
-        p = subprocess.Popen(self.cmd(self.name(base), code), env=self.env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.procs.append(p)
-        return p
-
-    def run(self, base, code, timeout=60):
-        p = subprocess.Popen(self.cmd(self.name(base), code), env=self.env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.procs.append(p)
-        out, _ = p.communicate(timeout=timeout)
-        return p.returncode, out.decode("utf-8", "replace")
-
-    def close(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait(10)
 
 
 @pytest.fixture

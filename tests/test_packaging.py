@@ -59,10 +59,10 @@ def test_man_page_mentions_every_variable_and_difference():
     for var in ("ERL_EPMD_PORT", "ERL_EPMD_ADDRESS", "ERL_EPMD_RELAXED_COMMAND_CHECK",
                 "LISTEN_FDS", "LISTEN_PID", "NOTIFY_SOCKET"):
         assert var in text
-    for i in range(1, 16):
+    for i in range(1, 17):
         assert re.search(r"^D%d$" % i, text, re.M), "D%d" % i
     for section in ("SYNOPSIS", "DESCRIPTION", "ENVIRONMENT", "EXIT STATUS", "FILES", "SEE ALSO",
-                    "SYSTEMD", "ACCESS AND SECURITY", "DEBUG OUTPUT"):
+                    "SYSTEMD", "ACCESS AND SECURITY", "DEBUG OUTPUT", "RESTARTING AND UPGRADING"):
         assert re.search(r"^%s\n=+$" % section, text, re.M), section
     assert "-address 127.0.0.1" in text and "4369" in text
 
