@@ -712,12 +712,18 @@ def accept(lsock, family):
     return socket.SocketType(family, socket.SOCK_STREAM, 0, fd), peer
 
 
+MAPPED_LOOPBACK = "::ffff:127."      # D15: IPv4-mapped 127.0.0.0/8
+
+
 def is_local_peer(sock, peer=None, family=None):
     """Decide once, at accept, whether the peer of *sock* is on this host.
 
     *peer* is the address accept() returned (else getpeername() is asked),
     *family* the socket's address family (else the socket is asked).
-    Local: IPv6 ``::1``; IPv4 127.0.0.0/8; or a peer address equal to the
+    Local: IPv6 ``::1``; IPv4 127.0.0.0/8, also as an IPv4-mapped IPv6
+    address (``::ffff:127.x.y.z``, how IPv4 peers arrive on a dual-stack
+    socket such as Debian's epmd.socket; D15: OTP compares a mapped
+    address only with the socket's own); or a peer address equal to the
     socket's own address, same family (the host talking to itself over a
     non-loopback address).  Anything else, or an error, is remote.
     Source: OTP epmd_srv.c, conn_local_peer_check.
@@ -728,7 +734,7 @@ def is_local_peer(sock, peer=None, family=None):
         if family is None:
             family = sock.family
         if family == socket.AF_INET6:
-            if peer[0] == "::1":
+            if peer[0] == "::1" or peer[0].startswith(MAPPED_LOOPBACK):
                 return True
         elif family == socket.AF_INET:
             if peer[0].startswith("127."):
@@ -755,26 +761,58 @@ class StartupError(Exception):
 
 
 class AlreadyRunning(Exception):
-    """The port is taken (EADDRINUSE): OTP exits 0, assuming another epmd.
+    """The port is taken (EADDRINUSE) and every holder answers a NAMES_REQ
+    as an epmd: exit 0, as OTP (D12, D14).
 
     The message names the port and the address."""
 
 
+class ListenAddress(tuple):
+    """One address to listen on: (family, address, implicit).
+
+    *implicit* is True for a loopback address epmd adds on its own to an
+    -address list (127.0.0.1 and ::1, as OTP's run); a listed loopback
+    address is not implicit.  Compares equal to the plain 3-tuple.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, family, address, implicit=False):
+        return tuple.__new__(cls, (family, address, implicit))
+
+    family = property(lambda self: self[0])
+    address = property(lambda self: self[1])
+    implicit = property(lambda self: self[2])
+
+
+LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
+WILDCARD = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
+# errno values of a bind that means "this host has no such address or stack"
+NO_SUCH_ADDRESS = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT)
+
+
 def parse_addresses(spec):
-    """Return the (family, address) pairs to listen on for -address *spec*.
+    """Return the ListenAddress entries to listen on for -address *spec*.
 
     *spec* is a list of IPv4/IPv6 addresses separated by commas and/or
     spaces.  None, or a string of separators only, means every address:
-    ``0.0.0.0`` and ``::``.  Otherwise 127.0.0.1 and ::1 come first, always,
-    then each other address in order (127.0.0.1 and ::1 are not repeated).
-    Raises StartupError for an address that is not IPv6 or IPv4 literal text,
-    or for more than MAX_LISTEN_SOCKETS sockets in all.
+    ``0.0.0.0`` and ``::`` (not implicit).  Otherwise the implicit loopback
+    addresses come first, then each listed address in order: 127.0.0.1
+    only when neither 127.0.0.1 nor 0.0.0.0 is listed, ::1 only when
+    neither ::1 nor :: is listed (OTP 25 always binds both, so that a
+    listed wildcard collides with them; the rule of erts 15.2.7.12 /
+    OTP 27.3.4.16 and later, erlang/otp PR 11409).
+    Raises StartupError for an address that is not IPv6 or IPv4 literal
+    text, for more than MAX_LISTEN_SOCKETS sockets in all, and (D14) for an
+    address listed twice or covered by a listed wildcard of its family,
+    which OTP reports as "already running".
     Source: OTP epmd_srv.c, run.
     """
     tokens = [t for t in (spec or "").replace(",", " ").split(" ") if t]
     if not tokens:
-        return [(socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")]
-    result = [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]
+        return [ListenAddress(socket.AF_INET, WILDCARD[socket.AF_INET]),
+                ListenAddress(socket.AF_INET6, WILDCARD[socket.AF_INET6])]
+    listed = []                         # (family, canonical text, token)
     for tok in tokens:
         for family in (socket.AF_INET6, socket.AF_INET):
             try:
@@ -784,33 +822,45 @@ def parse_addresses(spec):
             break
         else:
             raise StartupError('cannot parse IP address "%s"' % tok)
-        addr = socket.inet_ntop(family, packed)
-        if (family, addr) in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-            continue
-        result.append((family, tok))
-        if len(result) >= MAX_LISTEN_SOCKETS:
-            raise StartupError("cannot listen on more than %d IP addresses" % MAX_LISTEN_SOCKETS)
+        canon = socket.inet_ntop(family, packed)
+        for fam, other, otok in listed:
+            if fam == family and (other == canon or WILDCARD[family] in (other, canon)):
+                raise StartupError('IP address "%s" is listed twice (as "%s")' % (tok, otok)
+                                   if other == canon else
+                                   'IP address "%s" overlaps "%s"' % (tok, otok))
+        listed.append((family, canon, tok))
+    # as OTP 25: two loopback sockets and at most 13 other addresses
+    others = sum(1 for f, c, _ in listed if c != LOOPBACK[f])
+    if others > MAX_LISTEN_SOCKETS - 3:
+        raise StartupError("cannot listen on more than %d IP addresses" % MAX_LISTEN_SOCKETS)
+    result = []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        if not any(f == family and c in (LOOPBACK[family], WILDCARD[family]) for f, c, _ in listed):
+            result.append(ListenAddress(family, LOOPBACK[family], True))
+    result.extend(ListenAddress(f, tok) for f, _, tok in listed)
     return result
 
 
 def open_listen_sockets(addresses, port, log):
-    """Bind and listen on each (family, address) of *addresses* at *port*.
+    """Bind and listen on each ListenAddress of *addresses* at *port*.
 
     Sets SO_REUSEADDR, IPV6_V6ONLY on IPv6 and non-blocking mode; listens
-    with the system's SOMAXCONN.  An address family the host lacks is
-    skipped.  When an explicit address list was given, the two loopback
-    sockets (the first two) may fail to bind without stopping the daemon.
-    Returns the listening sockets.  Raises AlreadyRunning on EADDRINUSE and
-    StartupError on any other failure.  Source: OTP epmd_srv.c, run.
+    with the system's SOMAXCONN.  A loopback address (implicit or listed)
+    that this host lacks, or whose family it lacks, is skipped with a
+    level-0 log line; any other address that cannot be bound stops the
+    start.  An address in use is never skipped: see check_port_holders.
+    Returns the listening sockets.  Raises AlreadyRunning when an epmd holds
+    the port, StartupError on any other failure.  Source: OTP epmd_srv.c, run.
     """
     socks = []
-    nonfatal = 2 if addresses and addresses[0][1] == "127.0.0.1" else 0
     try:
-        for i, (family, addr) in enumerate(addresses):
+        for family, addr, implicit in addresses:
+            optional = implicit or addr == LOOPBACK.get(family)
             try:
                 sock = socket.socket(family, socket.SOCK_STREAM)
             except OSError as e:
-                if e.errno in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
+                if e.errno in NO_SUCH_ADDRESS:
+                    log.dbg_printf(0, "skipping ipaddr %s: %s", addr, e.strerror)
                     continue
                 raise StartupError("error opening stream socket: %s" % e.strerror) from e
             try:
@@ -822,12 +872,12 @@ def open_listen_sockets(addresses, port, log):
             except OSError as e:
                 sock.close()
                 if e.errno == errno.EADDRINUSE:
-                    raise AlreadyRunning("there is already a epmd running at port %d on ipaddr %s"
-                                         % (port, addr)) from e
+                    # D14: only an epmd on the port is "already running"
+                    check_port_holders(family, addr, port, socks)
                 msg = "failed to bind on ipaddr %s: %s" % (addr, e.strerror)
-                if i >= nonfatal:
+                if not (optional and e.errno in NO_SUCH_ADDRESS):
                     raise StartupError(msg) from e
-                log.dbg_printf(0, "%s", msg)
+                log.dbg_printf(0, "%s (skipped)", msg)
                 continue
             try:
                 sock.listen(socket.SOMAXCONN)
@@ -844,23 +894,173 @@ def open_listen_sockets(addresses, port, log):
     return socks
 
 
+# -- who holds the port (D14) -------------------------------------------------
+
+PROC_NET_TCP = {socket.AF_INET: "/proc/net/tcp", socket.AF_INET6: "/proc/net/tcp6"}
+TCP_LISTEN = "0A"                   # st column of /proc/net/tcp: LISTEN
+TCP_CLOSE = "07"                    # ... a socket bound but not listening
+PROBE_TIMEOUT = 2.0                 # seconds a holder has to answer NAMES_REQ
+MAX_PROBE_REPLY = 1 << 22           # bytes of a NAMES reply read while probing
+
+
+def proc_net_sockets(port, table_of=PROC_NET_TCP):
+    """Return the TCP sockets bound to *port* on this host, from
+    /proc/net/tcp and /proc/net/tcp6: a list of (family, address, state,
+    uid, inode), state being TCP_LISTEN or TCP_CLOSE (bound only).
+
+    Each line holds ``local_address`` as hex ``ADDR:PORT``, the address in
+    32-bit words of host byte order, then ``st`` (hex state), and ``uid``
+    (8th column) and ``inode`` (10th).  A table that cannot be read gives
+    nothing (other systems, or /proc hidden).
+    """
+    found = []
+    for family, path in table_of.items():
+        try:
+            with open(path) as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if len(parts) < 10 or parts[3] not in (TCP_LISTEN, TCP_CLOSE):
+                continue
+            hexaddr, _, hexport = parts[1].partition(":")
+            try:
+                if int(hexport, 16) != port:
+                    continue
+                raw = bytes.fromhex(hexaddr)
+                words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                addr = socket.inet_ntop(family, words)
+                found.append((family, addr, parts[3], int(parts[7]), int(parts[9])))
+            except (ValueError, OSError):
+                continue
+    return found
+
+
+def _v4_of(family, addr):
+    """The IPv4 text of an IPv4 or IPv4-mapped IPv6 address, else None."""
+    if family == socket.AF_INET:
+        return addr
+    if addr.startswith("::ffff:") and "." in addr:
+        return addr[7:]
+    return None
+
+
+def conflicts(family, addr, hfamily, haddr):
+    """True if a socket bound to (*hfamily*, *haddr*) can keep us (IPv6
+    sockets being IPv6-only) from binding (*family*, *addr*) on the same
+    port: the same family and the same address or a wildcard on either
+    side, or for IPv4 an IPv6 wildcard or mapped address (a dual-stack
+    socket, which /proc cannot tell from an IPv6-only one)."""
+    if hfamily == family:
+        return WILDCARD[family] in (addr, haddr) or addr == haddr
+    if family == socket.AF_INET:
+        v4 = _v4_of(hfamily, haddr)
+        if haddr == WILDCARD[hfamily]:
+            return True
+        return v4 is not None and (v4 == addr or WILDCARD[family] in (v4, addr))
+    return False
+
+
+def answers_as_epmd(family, addr, port, timeout=PROBE_TIMEOUT):
+    """Send NAMES_REQ to (*addr*, *port*); True if the reply is an epmd's.
+
+    An epmd's reply is the u32 port (ours, or 4369: OTP's -systemd reports
+    it whatever the port) and ``name N at port P\\n`` lines, then EOF, all
+    within *timeout* seconds.
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect((addr, port))
+            s.sendall(U16.pack(1) + bytes((NAMES_REQ,)))
+            data = b""
+            while len(data) <= MAX_PROBE_REPLY:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                s.settimeout(left)
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError:
+        return False
+    if len(data) < NAMES_HEADER_LEN or U32.unpack_from(data)[0] not in (port, EPMD_PORT_NO):
+        return False
+    lines = data[NAMES_HEADER_LEN:].split(b"\n")
+    if len(data) <= MAX_PROBE_REPLY and lines[-1]:
+        return False                    # the reply ended inside a line
+    return all(line.startswith(b"name ") and b" at port " in line for line in lines[:-1])
+
+
+def check_port_holders(family, addr, port, ours=()):
+    """EADDRINUSE on (*family*, *addr*, *port*): find who holds the port and
+    raise AlreadyRunning if every holder answers as an epmd, StartupError
+    naming the address, the port and the holder's uid otherwise.
+
+    Holders are the sockets of /proc/net/tcp{,6} on *port* whose address
+    conflicts with ours, minus our own sockets *ours*; without /proc the
+    address itself is asked.  A wildcard holder is asked on our address
+    (or, for a wildcard, on the loopback address of our family).
+    D14: OTP exits 0 whoever holds the port.
+    """
+    own = set()
+    for s in ours:
+        try:
+            own.add(os.fstat(s.fileno()).st_ino)
+        except OSError:
+            pass
+    holders = [h for h in proc_net_sockets(port)
+               if h[4] not in own and conflicts(family, addr, h[0], h[1])]
+    where = "ipaddr %s port %d" % (addr, port)
+    if not holders:
+        holders = [(family, addr, TCP_LISTEN, None, None)]
+    for hfamily, haddr, state, uid, _ in holders:
+        owner = "uid %d" % uid if uid is not None else "an unknown owner"
+        shown = "[%s]:%d" % (haddr, port) if hfamily == socket.AF_INET6 else "%s:%d" % (haddr, port)
+        if state != TCP_LISTEN:
+            raise StartupError("cannot listen on %s: in use by a socket of %s bound to %s "
+                               "that does not listen" % (where, owner, shown))
+        v4 = _v4_of(hfamily, haddr)
+        if haddr not in (WILDCARD[hfamily],) and not (v4 and v4 == WILDCARD[socket.AF_INET]):
+            target = (socket.AF_INET, v4) if v4 else (hfamily, haddr)
+        elif addr != WILDCARD[family]:
+            target = (family, addr)
+        else:
+            target = (family, LOOPBACK[family])
+        if not answers_as_epmd(target[0], target[1], port):
+            raise StartupError("cannot listen on %s: in use by a listening socket of %s on %s "
+                               "that does not answer as an epmd" % (where, owner, shown))
+    raise AlreadyRunning("there is already a epmd running at port %d on ipaddr %s" % (port, addr))
+
+
 def systemd_listen_sockets(environ):
     """Return the listening sockets systemd passed (socket activation).
 
-    Reads LISTEN_PID (must be this process, if set) and LISTEN_FDS; the
-    sockets are fds 3, 4, ...  Raises StartupError when there are none or
-    more than MAX_LISTEN_SOCKETS.  The variables are removed from *environ*
-    so that children do not inherit them.  Source: sd_listen_fds(3).
+    As sd_listen_fds(3): LISTEN_PID must be set and name this process, else
+    there are no sockets (a LISTEN_FDS inherited from elsewhere names
+    descriptors that are not ours); LISTEN_PID or LISTEN_FDS that is not a
+    number is an error.  The sockets are fds 3, 4, ...  Raises StartupError
+    ("cannot obtain sockets from systemd", as OTP, with the detail) for those
+    and when there are none or more than MAX_LISTEN_SOCKETS.  The variables
+    are removed from *environ* so that children do not inherit them.
+    Source: sd_listen_fds(3); OTP epmd_srv.c, run.
     """
     pid = environ.pop("LISTEN_PID", None)
     fds = environ.pop("LISTEN_FDS", None)
     environ.pop("LISTEN_FDNAMES", None)
     count = 0
-    if fds is not None and (pid is None or pid.strip() == str(os.getpid())):
-        try:
-            count = int(fds)
-        except ValueError:
-            raise StartupError("cannot obtain sockets from systemd: LISTEN_FDS=%r" % fds) from None
+    if pid is not None:
+        if not pid.isdigit():
+            raise StartupError("cannot obtain sockets from systemd: LISTEN_PID=%r" % pid)
+        if int(pid) == os.getpid() and fds is not None:
+            try:
+                count = int(fds)
+            except ValueError:
+                raise StartupError("cannot obtain sockets from systemd: LISTEN_FDS=%r"
+                                   % fds) from None
     if count <= 0:
         raise StartupError("systemd provides no sockets")
     if count > MAX_LISTEN_SOCKETS:
@@ -875,6 +1075,21 @@ def systemd_listen_sockets(environ):
         sock.setblocking(False)
         socks.append(sock)
     return socks
+
+
+def systemd_port(socks, default):
+    """D16: the port NAMES and DUMP report under -systemd: that of the first
+    passed socket with one (IPv4 or IPv6), else *default*.  OTP reports the
+    -port value (4369 by default) whatever port the sockets have, and an
+    OTP node's net_adm:names() refuses a reply whose port is not its own
+    epmd port."""
+    for sock in socks:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                return sock.getsockname()[1]
+            except OSError:
+                continue
+    return default
 
 
 def sd_notify(state, environ=os.environ):
@@ -952,6 +1167,7 @@ class Epmd:
         if self.systemd:
             log.dbg_printf(2, "try to obtain sockets from systemd")
             self.listeners = systemd_listen_sockets(os.environ)
+            self.port = systemd_port(self.listeners, self.port)
         else:
             log.dbg_printf(2, "try to initiate listening port %d", self.port)
             addrs = parse_addresses(self.addresses)
@@ -1757,14 +1973,37 @@ def parse_port(value, source):
     return port
 
 
+C_SPACE = " \t\n\v\f\r"               # what C's atoi() skips before the number
+INT_MAX = 2 ** 31 - 1
+
+
+def atoi(value):
+    """C's atoi(): the leading integer of *value* ("1.5" -> 1, "5s" -> 5,
+    " +7" -> 7, "-3" -> -3), or 0 when it has none.  Values beyond a C int
+    are returned as they are (atoi's result is undefined there)."""
+    rest = value.lstrip(C_SPACE)
+    sign = ""
+    if rest[:1] in ("+", "-"):
+        sign, rest = rest[:1], rest[1:]
+    digits = len(rest) - len(rest.lstrip("0123456789"))
+    return int(sign + rest[:digits], 10) if digits else 0
+
+
 def parse_seconds(flag, value):
-    """Return *value* as a whole number of seconds >= 1 or raise UsageError."""
-    try:
-        secs = int(value, 10)
-    except (TypeError, ValueError):
-        secs = 0
-    if secs < 1:
+    """Return the seconds of -packet_timeout, -delay_accept or -delay_write.
+
+    As OTP, the leading integer counts (atoi: "1.5" is 1, "5s" is 5) and 0
+    (or no number) is a usage error.  D17: a negative value, which OTP takes
+    (a negative -packet_timeout times every request out at once, a negative
+    delay sleeps for a century), and one beyond a C int, are usage errors
+    too.  Raises UsageError.  Source: OTP epmd.c, main.
+    """
+    secs = atoi(value)
+    if secs == 0:
         raise UsageError("invalid value for %s: %r (expected whole seconds >= 1)" % (flag, value))
+    if not 1 <= secs <= INT_MAX:
+        raise UsageError("invalid value for %s: %r (OTP reads it as %d seconds; expected "
+                         "1..%d)" % (flag, value, secs, INT_MAX))
     return secs
 
 
