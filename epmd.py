@@ -796,10 +796,10 @@ def parse_addresses(spec):
 
     *spec* is a list of IPv4/IPv6 addresses separated by commas and/or
     spaces.  None, or a string of separators only, means every address:
-    ``0.0.0.0`` and ``::`` (not implicit).  Otherwise the implicit loopback
-    addresses come first, then each listed address in order: 127.0.0.1
-    only when neither 127.0.0.1 nor 0.0.0.0 is listed, ::1 only when
-    neither ::1 nor :: is listed (OTP 25 always binds both, so that a
+    ``0.0.0.0`` and ``::`` (not implicit).  Otherwise 127.0.0.1 and ::1
+    come first (listed or implicit), then each other listed address in
+    order; 127.0.0.1 is implicit (added) when neither it nor 0.0.0.0 is
+    listed, ::1 when neither it nor :: is listed (OTP 25 always binds both, so that a
     listed wildcard collides with them; the rule of erts 15.2.7.12 /
     OTP 27.3.4.16 and later, erlang/otp PR 11409).
     Raises StartupError for an address that is not IPv6 or IPv4 literal
@@ -833,11 +833,15 @@ def parse_addresses(spec):
     others = sum(1 for f, c, _ in listed if c != LOOPBACK[f])
     if others > MAX_LISTEN_SOCKETS - 3:
         raise StartupError("cannot listen on more than %d IP addresses" % MAX_LISTEN_SOCKETS)
+    # OTP 25's order: the loopback sockets (implicit or listed) first
     result = []
     for family in (socket.AF_INET, socket.AF_INET6):
-        if not any(f == family and c in (LOOPBACK[family], WILDCARD[family]) for f, c, _ in listed):
+        mine = [tok for f, c, tok in listed if f == family and c == LOOPBACK[family]]
+        if mine:
+            result.append(ListenAddress(family, mine[0]))
+        elif not any(f == family and c == WILDCARD[family] for f, c, _ in listed):
             result.append(ListenAddress(family, LOOPBACK[family], True))
-    result.extend(ListenAddress(f, tok) for f, _, tok in listed)
+    result.extend(ListenAddress(f, tok) for f, c, tok in listed if c != LOOPBACK[f])
     return result
 
 
@@ -877,7 +881,7 @@ def open_listen_sockets(addresses, port, log):
                 msg = "failed to bind on ipaddr %s: %s" % (addr, e.strerror)
                 if not (optional and e.errno in NO_SUCH_ADDRESS):
                     raise StartupError(msg) from e
-                log.dbg_printf(0, "%s (skipped)", msg)
+                log.dbg_printf(0, "%s", msg)     # as OTP's line; the start goes on
                 continue
             try:
                 sock.listen(socket.SOMAXCONN)
