@@ -48,8 +48,10 @@ Sections, in the order of epmd_srv.c:
                                get_creation
     connections                Connection (the want/got framing), accept,
                                is_local_peer
-    listening sockets          parse_addresses, open_listen_sockets,
-                               systemd_listen_sockets, sd_notify
+    listening sockets          ListenAddress, parse_addresses,
+                               open_listen_sockets, check_port_holders (who
+                               holds a port in use), systemd_listen_sockets,
+                               systemd_port, sd_notify
     server                     Epmd: run (the loop), handle, check_timeouts,
                                do_accept (with shed_connection, pause_accept
                                for EMFILE), conn_open, conn_close, do_read,
@@ -906,31 +908,33 @@ def open_listen_sockets(addresses, port, log):
 
 PROC_NET_TCP = {socket.AF_INET: "/proc/net/tcp", socket.AF_INET6: "/proc/net/tcp6"}
 TCP_LISTEN = "0A"                   # st column of /proc/net/tcp: LISTEN
-TCP_CLOSE = "07"                    # ... a socket bound but not listening
-PROBE_TIMEOUT = 2.0                 # seconds a holder has to answer NAMES_REQ
+PROBE_TIMEOUT = 2.0                 # seconds a holder has to show up and answer NAMES_REQ
 MAX_PROBE_REPLY = 1 << 22           # bytes of a NAMES reply read while probing
+PROBE_RETRY = 0.05                  # seconds between looks for a listening holder
 
 
-def proc_net_sockets(port, table_of=PROC_NET_TCP):
-    """Return the TCP sockets bound to *port* on this host, from
-    /proc/net/tcp and /proc/net/tcp6: a list of (family, address, state,
-    uid, inode), state being TCP_LISTEN or TCP_CLOSE (bound only).
+def proc_net_listeners(port, table_of=PROC_NET_TCP):
+    """Return the TCP sockets listening on *port* in this network namespace,
+    from /proc/net/tcp and /proc/net/tcp6, as (family, address, uid, inode)
+    tuples; None when neither table can be read (other systems, or /proc
+    hidden).  A socket bound but not listening is not in these tables.
 
-    Each line holds ``local_address`` as hex ``ADDR:PORT``, the address in
-    32-bit words of host byte order, then ``st`` (hex state), and ``uid``
-    (8th column) and ``inode`` (10th).  A table that cannot be read gives
-    nothing (other systems, or /proc hidden).
+    Each line holds ``local_address`` as hex ``ADDR:PORT`` (the address in
+    32-bit words of host byte order), ``st`` (hex state, 4th column),
+    ``uid`` (8th) and ``inode`` (10th).
     """
     found = []
+    readable = False
     for family, path in table_of.items():
         try:
             with open(path) as f:
                 lines = f.read().splitlines()[1:]
         except OSError:
             continue
+        readable = True
         for line in lines:
             parts = line.split()
-            if len(parts) < 10 or parts[3] not in (TCP_LISTEN, TCP_CLOSE):
+            if len(parts) < 10 or parts[3] != TCP_LISTEN:
                 continue
             hexaddr, _, hexport = parts[1].partition(":")
             try:
@@ -939,10 +943,10 @@ def proc_net_sockets(port, table_of=PROC_NET_TCP):
                 raw = bytes.fromhex(hexaddr)
                 words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
                 addr = socket.inet_ntop(family, words)
-                found.append((family, addr, parts[3], int(parts[7]), int(parts[9])))
+                found.append((family, addr, int(parts[7]), int(parts[9])))
             except (ValueError, OSError):
                 continue
-    return found
+    return found if readable else None
 
 
 def _v4_of(family, addr):
@@ -1008,10 +1012,13 @@ def check_port_holders(family, addr, port, ours=()):
     raise AlreadyRunning if every holder answers as an epmd, StartupError
     naming the address, the port and the holder's uid otherwise.
 
-    Holders are the sockets of /proc/net/tcp{,6} on *port* whose address
-    conflicts with ours, minus our own sockets *ours*; without /proc the
-    address itself is asked.  A wildcard holder is asked on our address
-    (or, for a wildcard, on the loopback address of our family).
+    Holders are the listening sockets of /proc/net/tcp{,6} on *port* whose
+    address conflicts with ours, minus our own sockets *ours*.  When none
+    is listed, the tables are read again for up to PROBE_TIMEOUT seconds
+    (another epmd may be between its bind and its listen); then the port is
+    held by a socket that does not listen.  Without /proc our address itself
+    is asked.  A wildcard holder is asked on our address (or, for a wildcard,
+    on the loopback address of our family).
     D15: OTP exits 0 whoever holds the port.
     """
     own = set()
@@ -1020,19 +1027,26 @@ def check_port_holders(family, addr, port, ours=()):
             own.add(os.fstat(s.fileno()).st_ino)
         except OSError:
             pass
-    holders = [h for h in proc_net_sockets(port)
-               if h[4] not in own and conflicts(family, addr, h[0], h[1])]
     where = "ipaddr %s port %d" % (addr, port)
-    if not holders:
-        holders = [(family, addr, TCP_LISTEN, None, None)]
-    for hfamily, haddr, state, uid, _ in holders:
+    deadline = time.monotonic() + PROBE_TIMEOUT
+    while True:
+        listeners = proc_net_listeners(port)
+        if listeners is None:
+            holders = [(family, addr, None)]
+            break
+        holders = [(hf, ha, uid) for hf, ha, uid, inode in listeners
+                   if inode not in own and conflicts(family, addr, hf, ha)]
+        if holders:
+            break
+        if time.monotonic() >= deadline:
+            raise StartupError("cannot listen on %s: in use by a socket that does not listen"
+                               % where)
+        time.sleep(PROBE_RETRY)
+    for hfamily, haddr, uid in holders:
         owner = "uid %d" % uid if uid is not None else "an unknown owner"
         shown = "[%s]:%d" % (haddr, port) if hfamily == socket.AF_INET6 else "%s:%d" % (haddr, port)
-        if state != TCP_LISTEN:
-            raise StartupError("cannot listen on %s: in use by a socket of %s bound to %s "
-                               "that does not listen" % (where, owner, shown))
         v4 = _v4_of(hfamily, haddr)
-        if haddr not in (WILDCARD[hfamily],) and not (v4 and v4 == WILDCARD[socket.AF_INET]):
+        if haddr != WILDCARD[hfamily] and v4 != WILDCARD[socket.AF_INET]:
             target = (socket.AF_INET, v4) if v4 else (hfamily, haddr)
         elif addr != WILDCARD[family]:
             target = (family, addr)
@@ -1904,8 +1918,9 @@ epmd.py, the Erlang port mapper daemon; see epmd(1).
 
 Daemon options
     -address List
-        Listen on these IP addresses (separated by commas or spaces) and
-        always on 127.0.0.1 and ::1 too.  Default: every address.
+        Listen on these IP addresses (separated by commas or spaces), and
+        on 127.0.0.1 and ::1 unless that address or its family's wildcard
+        (0.0.0.0, ::) is listed.  Default: every address.
     -port No
         Listen on port No instead of %(port)d (also: ERL_EPMD_PORT).
     -d, -debug
@@ -1917,7 +1932,8 @@ Daemon options
         Let -kill stop the daemon while nodes are registered, and allow
         -stop (also: ERL_EPMD_RELAXED_COMMAND_CHECK set to anything).
     -systemd
-        Serve the sockets passed by systemd socket activation.
+        Serve the sockets passed by systemd socket activation
+        (LISTEN_FDS, for the process LISTEN_PID).
 
 DbgExtra options
     -packet_timeout Seconds

@@ -14,6 +14,7 @@ each does.
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -139,15 +140,17 @@ def test_overlapping_addresses(impl, spec, message):
 # -- §3: who holds the port ----------------------------------------------------
 
 class Holder:
-    """A plain listener that is not an epmd: *mode* "silent" never accepts;
-    "talker" accepts and answers every connection with an HTTP error."""
+    """A socket that is not an epmd's: *mode* "silent" listens and never
+    accepts; "talker" accepts and answers every connection with an HTTP
+    error; "bound" is bound (without SO_REUSEADDR) but does not listen."""
 
     def __init__(self, family, addr, port, mode):
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         if family == socket.AF_INET6:
             self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         self.sock.bind((addr, port))
-        self.sock.listen(16)
+        if mode != "bound":
+            self.sock.listen(16)
         self.stop = False
         self.thread = None
         if mode == "talker":
@@ -181,7 +184,7 @@ def holders():
         h.close()
 
 
-@pytest.mark.parametrize("mode", ["silent", "talker"])
+@pytest.mark.parametrize("mode", ["silent", "talker", "bound"])
 @pytest.mark.parametrize("where", ["127.0.0.1", "::1"])
 def test_port_held_by_non_epmd(impl, holders, where, mode):
     """D15: a listener that is not an epmd holds [where]:port before epmd
@@ -196,9 +199,13 @@ def test_port_held_by_non_epmd(impl, holders, where, mode):
     if impl == "py":
         assert p.returncode == 1, p.stderr
         shown = "[%s]:%d" % (where, port) if family == socket.AF_INET6 else "%s:%d" % (where, port)
-        assert ("cannot listen on ipaddr %s port %d: in use by a listening socket of uid %d on %s "
-                "that does not answer as an epmd" % (where, port, os.getuid(), shown)
-                ).encode() in p.stderr
+        if mode == "bound":
+            assert ("cannot listen on ipaddr %s port %d: in use by a socket that does not listen"
+                    % (where, port)).encode() in p.stderr
+        else:
+            assert ("cannot listen on ipaddr %s port %d: in use by a listening socket of uid %d on "
+                    "%s that does not answer as an epmd" % (where, port, os.getuid(), shown)
+                    ).encode() in p.stderr
     else:
         assert (p.returncode, p.stderr) == (0, b"")
     other = "127.0.0.1" if family == socket.AF_INET6 else "::1"
@@ -239,6 +246,42 @@ def test_port_held_by_an_epmd(impl, start_epmd, holder, daemon):
         assert p.stderr == b""
     assert registered(d.port) == [b"first"]
     s.close()
+
+
+def test_concurrent_daemons_one_serves():
+    """Several `epmd -daemon` started at once on one port (as nodes starting
+    together do): every one exits 0 and exactly one daemon serves, whoever
+    wins the bind and whatever state the winner is in when the others look."""
+    port = free_port()
+    args = exe("py") + ["-daemon", "-port", str(port), "-address", "127.0.0.1"]
+    procs = [subprocess.Popen(args, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for _ in range(4)]
+    results = [(p.wait(30), p.stderr.read()) for p in procs]
+    for p in procs:
+        p.stdout.close()
+        p.stderr.close()
+    pids = daemon_pids(port)
+    try:
+        assert results == [(0, b"")] * 4
+        assert len(pids) == 1
+        assert names(port)[0] == port
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+
+
+def daemon_pids(port):
+    """PIDs of epmd.py daemons started with -daemon on *port*."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/cmdline" % entry, "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if str(EPMD_PY).encode() in argv and b"-daemon" in argv and str(port).encode() in argv:
+            pids.append(int(entry))
+    return pids
 
 
 def test_epmd_on_wildcard_counts_as_running(start_ours):
@@ -344,6 +387,19 @@ def test_systemd_dual_stack_remote_ipv4_peer(impl, stopper):
         assert registered(port) == []
     finally:
         ns.destroy()
+
+
+def test_daemon_beside_socket_unit(impl, stopper):
+    """Debian's case: epmd.socket holds [::]:P (dual-stack) and serves it
+    with epmd -systemd (*impl*); a node's `epmd -daemon` (ours, as erl runs
+    it) finds the port in use on 127.0.0.1 by that IPv6 socket, asks it, and
+    exits 0 (OTP's -systemd answers with 4369, also taken as an epmd)."""
+    port = free_port()
+    stopper(activate(impl, ["[::]:%d"], port))
+    p = subprocess.run(exe("py") + ["-daemon", "-port", str(port)], env=base_env(),
+                       capture_output=True, timeout=30)
+    assert (p.returncode, p.stderr) == (0, b"")
+    assert daemon_pids(port) == []
 
 
 @pytest.mark.parametrize("impl", ["py", "otp"], indirect=True)
