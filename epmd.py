@@ -76,6 +76,7 @@ Where this file deliberately differs from OTP's daemon (D1-D21, listed in
 README.md and epmd(1)), the code says so with a "D<n>" comment.
 """
 
+import collections
 import errno
 import os
 import selectors
@@ -772,22 +773,13 @@ class AlreadyRunning(Exception):
     The message names the port and the address."""
 
 
-class ListenAddress(tuple):
-    """One address to listen on: (family, address, implicit).
+ListenAddress = collections.namedtuple("ListenAddress", "family address implicit",
+                                       defaults=(False,))
+ListenAddress.__doc__ = """One address to listen on: (family, address, implicit).
 
-    *implicit* is True for a loopback address epmd adds on its own to an
-    -address list (127.0.0.1 and ::1, as OTP's run); a listed loopback
-    address is not implicit.  Compares equal to the plain 3-tuple.
-    """
-
-    __slots__ = ()
-
-    def __new__(cls, family, address, implicit=False):
-        return tuple.__new__(cls, (family, address, implicit))
-
-    family = property(lambda self: self[0])
-    address = property(lambda self: self[1])
-    implicit = property(lambda self: self[2])
+*address* is the text as listed; *implicit* is True for a loopback address
+epmd adds on its own to an -address list (127.0.0.1, ::1); a listed loopback
+address is not implicit.  Built by parse_addresses."""
 
 
 LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
@@ -845,7 +837,7 @@ def parse_addresses(spec):
         mine = [tok for f, c, tok in listed if f == family and c == LOOPBACK[family]]
         if mine:
             result.append(ListenAddress(family, mine[0]))
-        elif not any(f == family and c == WILDCARD[family] for f, c, _ in listed):
+        elif not any(f == family and c == WILDCARD[family] for f, c, _ in listed):  # D14
             result.append(ListenAddress(family, LOOPBACK[family], True))
     result.extend(ListenAddress(f, tok) for f, c, tok in listed if c != LOOPBACK[f])
     return result
