@@ -72,7 +72,7 @@ Debug levels (-d given N times), as OTP's epmd:
 In the foreground every line goes to stderr as ``epmd: <ctime>: <msg>\\r\\n``;
 with -daemon, level-gated messages go to syslog and the hexdumps are dropped.
 
-Where this file deliberately differs from OTP's daemon (D1-D21, listed in
+Where this file deliberately differs from OTP's daemon (D1-D24, listed in
 README.md and epmd(1)), the code says so with a "D<n>" comment.
 """
 
@@ -274,7 +274,7 @@ class DebugLog:
         """At level 2 and in the foreground, log ``got N bytes`` and a hexdump.
 
         The dump stops after HEXDUMP_MAX bytes with ``***** ......and more``.
-        The wording is "got" for written data too, as in OTP.  D21: callers
+        The wording is "got" for written data too, as in OTP.  D24: callers
         pass the bytes just read, so a packet that arrives in pieces is
         dumped piece by piece; OTP passes the start of its input buffer
         with the length just read, so it dumps the packet's first bytes again.
@@ -718,7 +718,7 @@ def accept(lsock, family):
     return socket.SocketType(family, socket.SOCK_STREAM, 0, fd), peer
 
 
-MAPPED_LOOPBACK = "::ffff:127."      # D16: IPv4-mapped 127.0.0.0/8
+MAPPED_LOOPBACK = "::ffff:127."      # D19: IPv4-mapped 127.0.0.0/8
 
 
 def is_local_peer(sock, peer=None, family=None):
@@ -728,7 +728,7 @@ def is_local_peer(sock, peer=None, family=None):
     *family* the socket's address family (else the socket is asked).
     Local: IPv6 ``::1``; IPv4 127.0.0.0/8, also as an IPv4-mapped IPv6
     address (``::ffff:127.x.y.z``, how IPv4 peers arrive on a dual-stack
-    socket such as Debian's epmd.socket; D16: OTP compares a mapped
+    socket such as Debian's epmd.socket; D19: OTP compares a mapped
     address only with the socket's own); or a peer address equal to the
     socket's own address, same family (the host talking to itself over a
     non-loopback address).  Anything else, or an error, is remote.
@@ -768,7 +768,7 @@ class StartupError(Exception):
 
 class AlreadyRunning(Exception):
     """The port is taken (EADDRINUSE) and every holder answers a NAMES_REQ
-    as an epmd: exit 0, as OTP (D12, D15).
+    as an epmd: exit 0, as OTP (D12, D18).
 
     The message names the port and the address."""
 
@@ -796,12 +796,12 @@ def parse_addresses(spec):
     ``0.0.0.0`` and ``::`` (not implicit).  Otherwise 127.0.0.1 and ::1
     come first (listed or implicit), then each other listed address in
     order; 127.0.0.1 is implicit (added) when neither it nor 0.0.0.0 is
-    listed, ::1 when neither it nor :: is listed.  D14: OTP 25 always adds
+    listed, ::1 when neither it nor :: is listed.  D17: OTP 25 always adds
     both, so that a listed wildcard collides with them and it exits 0
     serving nothing; this is the rule of erts 15.2.7.12 / OTP 27.3.4.16 and
     later (erlang/otp PR 11409).
     Raises StartupError for an address that is not IPv6 or IPv4 literal
-    text, for more than MAX_LISTEN_SOCKETS sockets in all, and (D15) for an
+    text, for more than MAX_LISTEN_SOCKETS sockets in all, and (D18) for an
     address listed twice or covered by a listed wildcard of its family,
     which OTP reports as "already running".
     Source: OTP epmd_srv.c, run.
@@ -837,7 +837,7 @@ def parse_addresses(spec):
         mine = [tok for f, c, tok in listed if f == family and c == LOOPBACK[family]]
         if mine:
             result.append(ListenAddress(family, mine[0]))
-        elif not any(f == family and c == WILDCARD[family] for f, c, _ in listed):  # D14
+        elif not any(f == family and c == WILDCARD[family] for f, c, _ in listed):  # D17
             result.append(ListenAddress(family, LOOPBACK[family], True))
     result.extend(ListenAddress(f, tok) for f, c, tok in listed if c != LOOPBACK[f])
     return result
@@ -874,7 +874,7 @@ def open_listen_sockets(addresses, port, log):
             except OSError as e:
                 sock.close()
                 if e.errno == errno.EADDRINUSE:
-                    # D15: only an epmd on the port is "already running"
+                    # D18: only an epmd on the port is "already running"
                     check_port_holders(family, addr, port, socks)
                 msg = "failed to bind on ipaddr %s: %s" % (addr, e.strerror)
                 if not (optional and e.errno in NO_SUCH_ADDRESS):
@@ -896,7 +896,7 @@ def open_listen_sockets(addresses, port, log):
     return socks
 
 
-# -- who holds the port (D15) -------------------------------------------------
+# -- who holds the port (D18) -------------------------------------------------
 
 PROC_NET_TCP = {socket.AF_INET: "/proc/net/tcp", socket.AF_INET6: "/proc/net/tcp6"}
 TCP_LISTEN = "0A"                   # st column of /proc/net/tcp: LISTEN
@@ -1011,7 +1011,7 @@ def check_port_holders(family, addr, port, ours=()):
     held by a socket that does not listen.  Without /proc our address itself
     is asked.  A wildcard holder is asked on our address (or, for a wildcard,
     on the loopback address of our family).
-    D15: OTP exits 0 whoever holds the port.
+    D18: OTP exits 0 whoever holds the port.
     """
     own = set()
     for s in ours:
@@ -1092,7 +1092,7 @@ def systemd_listen_sockets(environ):
 
 
 def systemd_port(socks, default):
-    """D17: the port NAMES and DUMP report under -systemd: that of the first
+    """D20: the port NAMES and DUMP report under -systemd: that of the first
     passed socket with one (IPv4 or IPv6), else *default*.  OTP reports the
     -port value (4369 by default) whatever port the sockets have, and an
     OTP node's net_adm:names() refuses a reply whose port is not its own
@@ -2009,7 +2009,7 @@ def parse_seconds(flag, value):
     """Return the seconds of -packet_timeout, -delay_accept or -delay_write.
 
     As OTP, the leading integer counts (atoi: "1.5" is 1, "5s" is 5) and 0
-    (or no number) is a usage error.  D18: a negative value, which OTP takes
+    (or no number) is a usage error.  D21: a negative value, which OTP takes
     (a negative -packet_timeout times every request out at once, a negative
     delay sleeps for a century), and one beyond a C int, are usage errors
     too.  Raises UsageError.  Source: OTP epmd.c, main.
@@ -2080,7 +2080,7 @@ def parse_args(argv, environ):
 def usage(msg=None):
     """Print *msg* (if any) and the usage text on stderr; return 1.
 
-    D20: our own usage text, which names the bad option or value first
+    D23: our own usage text, which names the bad option or value first
     (``epmd: unknown option '-bogus'``); OTP prints its usage text alone.
     """
     if msg:
@@ -2100,7 +2100,7 @@ def make_daemon(opts):
 
 
 def _terminate(signum, frame):
-    """D19: SIGTERM and SIGINT end the loop and exit 0 (sockets closed,
+    """D22: SIGTERM and SIGINT end the loop and exit 0 (sockets closed,
     systemd told); OTP's epmd dies of the signal."""
     raise EpmdExit(0)
 
@@ -2111,7 +2111,7 @@ def serve(epmd, ready=None):
 
     Port in use by an epmd: exit 0, as OTP; D12: the "already running" line
     is printed at level 0 in the foreground (OTP prints it only with -d).
-    D15: in use by anything else, exit 1 (StartupError, see
+    D18: in use by anything else, exit 1 (StartupError, see
     check_port_holders).
     """
     log = epmd.log
@@ -2153,7 +2153,7 @@ def run_daemon(epmd):
     standard streams on /dev/null, logging to syslog.  D5: the parent
     returns only once the daemon has bound its sockets: 0 when it serves
     (or another epmd holds the port, as OTP; silently), 1 with the bind
-    error on stderr (D15: also when the port is held by anything but an
+    error on stderr (D18: also when the port is held by anything but an
     epmd).  Source: OTP epmd.c, run_daemon.
     """
     rfd, wfd = os.pipe()

@@ -190,7 +190,7 @@ def notify_socket(tmp_path, abstract):
 def test_systemd_socket_activation(impl, tmp_path, abstract):
     """-systemd serves the IPv4 and IPv6 sockets that systemd-socket-activate
     passes, and sends READY=1 to $NOTIFY_SOCKET (a path or an abstract
-    socket).  NAMES reports the sockets' port (D17); OTP's 4369."""
+    socket).  NAMES reports the sockets' port (D20); OTP's 4369."""
     if SOCKET_ACTIVATE is None:
         need("systemd-socket-activate", "systemd")
     port = free_port()

@@ -3,7 +3,7 @@
 - The address matrix: every -address form, with IPv6 on and off, each in a
   network namespace of its own (IPv6 off: disable_ipv6 set before loopback
   comes up, so ::1 does not exist), read from /proc/<pid>/net/tcp{,6}.
-- A port held by something that is not an epmd: exit 1 naming the holder (D15);
+- A port held by something that is not an epmd: exit 1 naming the holder (D18);
   held by an epmd (ours or OTP's): exit 0, as OTP.
 - Debian's dual-stack socket unit (one ``[::]`` socket without IPV6_V6ONLY,
   made by the real `systemd-socket-activate`) and -systemd on a port other
@@ -125,7 +125,7 @@ def test_address_matrix(impl, bare_ns, spec):
     ("::1,::", 'IP address "::" overlaps "::1"'),
 ])
 def test_overlapping_addresses(impl, spec, message):
-    """D15: an address listed twice, or beside its family's wildcard, is an
+    """D18: an address listed twice, or beside its family's wildcard, is an
     error naming both (exit 1); OTP 25 reports "already running" and exits 0,
     serving nothing."""
     port = free_port()
@@ -187,7 +187,7 @@ def holders():
 @pytest.mark.parametrize("mode", ["silent", "talker", "bound"])
 @pytest.mark.parametrize("where", ["127.0.0.1", "::1"])
 def test_port_held_by_non_epmd(impl, holders, where, mode):
-    """D15: a listener that is not an epmd holds [where]:port before epmd
+    """D18: a listener that is not an epmd holds [where]:port before epmd
     starts with -address 127.0.0.1 (which also takes ::1).  epmd.py exits 1
     naming the address, the port and the uid owning the socket; OTP 25 exits
     0 as if an epmd were running, and nothing serves epmd on the port."""
@@ -214,7 +214,7 @@ def test_port_held_by_non_epmd(impl, holders, where, mode):
 
 
 def test_daemon_reports_non_epmd_holder(holders):
-    """D5, D15: with -daemon the waiting parent exits 1 with the same error
+    """D5, D18: with -daemon the waiting parent exits 1 with the same error
     on stderr; OTP's -daemon returns 0 before binding."""
     port = free_port()
     holders(socket.AF_INET6, "::1", port, "talker")
@@ -334,7 +334,7 @@ def stopper():
 
 
 def test_systemd_dual_stack_socket(impl, stopper):
-    """D16, D17: one ``[::]`` socket without IPV6_V6ONLY (Debian's
+    """D19, D20: one ``[::]`` socket without IPV6_V6ONLY (Debian's
     epmd.socket): IPv4 peers arrive as ::ffff:a.b.c.d.  A node connecting
     to 127.0.0.1 registers; one connecting from 127.0.0.2 is local too for
     epmd.py (mapped 127.0.0.0/8 is loopback), remote for OTP (which compares
@@ -404,7 +404,7 @@ def test_daemon_beside_socket_unit(impl, stopper):
 
 @pytest.mark.parametrize("impl", ["py", "otp"], indirect=True)
 def test_erl_names_through_systemd_on_other_port(impl, stopper, tmp_path):
-    """D17: a real `erl` node on ERL_EPMD_PORT=P (not 4369) registers with
+    """D20: a real `erl` node on ERL_EPMD_PORT=P (not 4369) registers with
     epmd -systemd serving P, and net_adm:names() lists it through epmd.py.
     With OTP's epmd, NAMES says 4369, and net_adm:names() returns
     {error,address} although the node is registered."""

@@ -34,7 +34,7 @@ def test_seconds_read_like_atoi(start_epmd, flag, value):
 
 @pytest.mark.parametrize("flag", ["-packet_timeout", "-delay_accept", "-delay_write"])
 def test_negative_seconds(start_epmd, flag):
-    """D18: OTP takes -3 (a negative -packet_timeout closes every request at
+    """D21: OTP takes -3 (a negative -packet_timeout closes every request at
     the next tick, a negative delay sleeps for (unsigned) -3 seconds, so OTP
     hangs); epmd.py refuses it: usage, exit 1, naming the value."""
     d = start_epmd(flag, "-3", wait=False)
@@ -55,7 +55,7 @@ def test_port_flag_not_a_number(impl, value):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_exit_status(start_epmd, sig):
-    """D19: on SIGTERM/SIGINT epmd.py exits 0 after closing its sockets; OTP's
+    """D22: on SIGTERM/SIGINT epmd.py exits 0 after closing its sockets; OTP's
     epmd dies of the signal."""
     d = start_epmd()
     d.proc.send_signal(sig)
@@ -64,7 +64,7 @@ def test_signal_exit_status(start_epmd, sig):
 
 
 def test_unknown_option_line(impl):
-    """D20: epmd.py names the bad option before its usage text; OTP prints
+    """D23: epmd.py names the bad option before its usage text; OTP prints
     only its usage text."""
     p = subprocess.run(exe(impl) + ["-bogus"], env=base_env(), capture_output=True, timeout=30)
     assert p.returncode == 1
@@ -76,7 +76,7 @@ def test_unknown_option_line(impl):
 
 
 def test_hexdump_of_a_packet_in_pieces(start_epmd):
-    """D21: a NAMES_REQ sent as 00 01, then 6e.  epmd.py dumps each piece as
+    """D24: a NAMES_REQ sent as 00 01, then 6e.  epmd.py dumps each piece as
     read (00 01, then 6e); OTP dumps the start of its buffer for the second
     read too (00)."""
     d = start_epmd("-d", "-d")

@@ -180,7 +180,7 @@ def test_socket_unit_addresses_served(which, tmp_path):
     try:
         for host in ("127.0.0.1", "::1"):
             assert wait_until(lambda: _names(port, host) is not None, 10), host
-            assert names(port, host)[0] == port      # D17
+            assert names(port, host)[0] == port      # D20
     finally:
         p.terminate()
         p.wait(5)

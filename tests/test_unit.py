@@ -338,7 +338,7 @@ def test_parse_seconds_like_atoi(value, secs):
     ("2147483648", "expected 1..2147483647"),
 ])
 def test_parse_seconds_refused(value, message):
-    """0 or no number: usage, as OTP; D18: negative or beyond a C int too."""
+    """0 or no number: usage, as OTP; D21: negative or beyond a C int too."""
     with pytest.raises(epmd.UsageError, match=message):
         epmd.parse_seconds("-delay_write", value)
 
@@ -348,7 +348,7 @@ def test_parse_seconds_refused(value, message):
     ("::ffff:198.18.1.2", False), ("::ffff:128.0.0.1", False), ("2001:db8::2", False),
 ])
 def test_mapped_loopback_is_local(peer, local):
-    """D16: an IPv4-mapped 127.0.0.0/8 peer on a dual-stack socket is local."""
+    """D19: an IPv4-mapped 127.0.0.0/8 peer on a dual-stack socket is local."""
     with socket.socket(socket.AF_INET6) as s:
         s.bind(("::1", 0))
         assert epmd.is_local_peer(s, (peer, 1, 0, 0), socket.AF_INET6) is local
