@@ -55,9 +55,11 @@ C sources carry its name (epmd_srv.c unless said):
     connections                the states READING/REPLYING/KEPT/CLOSED,
                                Connection (the want/got framing of do_read),
                                accept, conn_local_peer_check
-    listening sockets          parse_addresses, open_listen_sockets (the
-                               part of run before the loop),
-                               systemd_listen_sockets, sd_notify
+    listening sockets          ListenAddress, parse_addresses,
+                               open_listen_sockets (the part of run before
+                               the loop), check_port_holders (who holds a
+                               port in use), systemd_listen_sockets,
+                               systemd_port, sd_notify
     hand-over                  re-exec on SIGUSR2 (D16): pack_state,
                                unpack_state, take_handover; FdStore (systemd's
                                fd store); the Handover mixin of Epmd
@@ -320,7 +322,10 @@ class DebugLog:
         """At level 2 and in the foreground, log ``got N bytes`` and a hexdump.
 
         The dump stops after HEXDUMP_MAX bytes with ``***** ......and more``.
-        The wording is "got" for written data too, as in OTP.
+        The wording is "got" for written data too, as in OTP.  D24: callers
+        pass the bytes just read, so a packet that arrives in pieces is
+        dumped piece by piece; OTP passes the start of its input buffer
+        with the length just read, so it dumps the packet's first bytes again.
         Source: OTP epmd_srv.c, dbg_print_buf.
         """
         if self.is_daemon or self.level < 2:
@@ -793,12 +798,18 @@ def accept(lsock, family):
     return socket.SocketType(family, socket.SOCK_STREAM, 0, fd), peer
 
 
+MAPPED_LOOPBACK = "::ffff:127."      # D19: IPv4-mapped 127.0.0.0/8
+
+
 def conn_local_peer_check(sock, peer=None, family=None):
     """Decide once, at accept, whether the peer of *sock* is on this host.
 
     *peer* is the address accept() returned (else getpeername() is asked),
     *family* the socket's address family (else the socket is asked).
-    Local: IPv6 ``::1``; IPv4 127.0.0.0/8; or a peer address equal to the
+    Local: IPv6 ``::1``; IPv4 127.0.0.0/8, also as an IPv4-mapped IPv6
+    address (``::ffff:127.x.y.z``, how IPv4 peers arrive on a dual-stack
+    socket such as Debian's epmd.socket; D19: OTP compares a mapped
+    address only with the socket's own); or a peer address equal to the
     socket's own address, same family (the host talking to itself over a
     non-loopback address).  Anything else, or an error, is remote.
     Source: OTP epmd_srv.c, conn_local_peer_check.
@@ -809,7 +820,7 @@ def conn_local_peer_check(sock, peer=None, family=None):
         if family is None:
             family = sock.family
         if family == socket.AF_INET6:
-            if peer[0] == "::1":
+            if peer[0] == "::1" or peer[0].startswith(MAPPED_LOOPBACK):
                 return True
         elif family == socket.AF_INET:
             if peer[0].startswith("127."):
@@ -836,26 +847,50 @@ class StartupError(Exception):
 
 
 class AlreadyRunning(Exception):
-    """The port is taken (EADDRINUSE): OTP exits 0, assuming another epmd.
+    """The port is taken (EADDRINUSE) and every holder answers a NAMES_REQ
+    as an epmd: exit 0, as OTP (D12, D18).
 
     The message names the port and the address."""
 
 
+ListenAddress = collections.namedtuple("ListenAddress", "family address implicit",
+                                       defaults=(False,))
+ListenAddress.__doc__ = """One address to listen on: (family, address, implicit).
+
+*address* is the text as listed; *implicit* is True for a loopback address
+epmd adds on its own to an -address list (127.0.0.1, ::1); a listed loopback
+address is not implicit.  Built by parse_addresses."""
+
+
+LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
+WILDCARD = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
+# errno values of a bind that means "this host has no such address or stack"
+NO_SUCH_ADDRESS = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT)
+
+
 def parse_addresses(spec):
-    """Return the (family, address) pairs to listen on for -address *spec*.
+    """Return the ListenAddress entries to listen on for -address *spec*.
 
     *spec* is a list of IPv4/IPv6 addresses separated by commas and/or
     spaces.  None, or a string of separators only, means every address:
-    ``0.0.0.0`` and ``::``.  Otherwise 127.0.0.1 and ::1 come first, always,
-    then each other address in order (127.0.0.1 and ::1 are not repeated).
-    Raises StartupError for an address that is not IPv6 or IPv4 literal text,
-    or for more than MAX_LISTEN_SOCKETS sockets in all.
+    ``0.0.0.0`` and ``::`` (not implicit).  Otherwise 127.0.0.1 and ::1
+    come first (listed or implicit), then each other listed address in
+    order; 127.0.0.1 is implicit (added) when neither it nor 0.0.0.0 is
+    listed, ::1 when neither it nor :: is listed.  D17: OTP 25 always adds
+    both, so that a listed wildcard collides with them and it exits 0
+    serving nothing; this is the rule of erts 15.2.7.12 / OTP 27.3.4.16 and
+    later (erlang/otp PR 11409).
+    Raises StartupError for an address that is not IPv6 or IPv4 literal
+    text, for more than MAX_LISTEN_SOCKETS sockets in all, and (D18) for an
+    address listed twice or covered by a listed wildcard of its family,
+    which OTP reports as "already running".
     Source: OTP epmd_srv.c, run.
     """
     tokens = [t for t in (spec or "").replace(",", " ").split(" ") if t]
     if not tokens:
-        return [(socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")]
-    result = [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]
+        return [ListenAddress(socket.AF_INET, WILDCARD[socket.AF_INET]),
+                ListenAddress(socket.AF_INET6, WILDCARD[socket.AF_INET6])]
+    listed = []                         # (family, canonical text, token)
     for tok in tokens:
         for family in (socket.AF_INET6, socket.AF_INET):
             try:
@@ -865,33 +900,49 @@ def parse_addresses(spec):
             break
         else:
             raise StartupError('cannot parse IP address "%s"' % tok)
-        addr = socket.inet_ntop(family, packed)
-        if (family, addr) in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-            continue
-        result.append((family, tok))
-        if len(result) >= MAX_LISTEN_SOCKETS:
-            raise StartupError("cannot listen on more than %d IP addresses" % MAX_LISTEN_SOCKETS)
+        canon = socket.inet_ntop(family, packed)
+        for fam, other, otok in listed:
+            if fam == family and (other == canon or WILDCARD[family] in (other, canon)):
+                raise StartupError('IP address "%s" is listed twice (as "%s")' % (tok, otok)
+                                   if other == canon else
+                                   'IP address "%s" overlaps "%s"' % (tok, otok))
+        listed.append((family, canon, tok))
+    # as OTP 25: two loopback sockets and at most 13 other addresses
+    others = sum(1 for f, c, _ in listed if c != LOOPBACK[f])
+    if others > MAX_LISTEN_SOCKETS - 3:
+        raise StartupError("cannot listen on more than %d IP addresses" % MAX_LISTEN_SOCKETS)
+    # OTP 25's order: the loopback sockets (implicit or listed) first
+    result = []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        mine = [tok for f, c, tok in listed if f == family and c == LOOPBACK[family]]
+        if mine:
+            result.append(ListenAddress(family, mine[0]))
+        elif not any(f == family and c == WILDCARD[family] for f, c, _ in listed):  # D17
+            result.append(ListenAddress(family, LOOPBACK[family], True))
+    result.extend(ListenAddress(f, tok) for f, c, tok in listed if c != LOOPBACK[f])
     return result
 
 
 def open_listen_sockets(addresses, port, log):
-    """Bind and listen on each (family, address) of *addresses* at *port*.
+    """Bind and listen on each ListenAddress of *addresses* at *port*.
 
     Sets SO_REUSEADDR, IPV6_V6ONLY on IPv6 and non-blocking mode; listens
-    with the system's SOMAXCONN.  An address family the host lacks is
-    skipped.  When an explicit address list was given, the two loopback
-    sockets (the first two) may fail to bind without stopping the daemon.
-    Returns the listening sockets.  Raises AlreadyRunning on EADDRINUSE and
-    StartupError on any other failure.  Source: OTP epmd_srv.c, run.
+    with the system's SOMAXCONN.  A loopback address (implicit or listed)
+    that this host lacks, or whose family it lacks, is skipped with a
+    level-0 log line; any other address that cannot be bound stops the
+    start.  An address in use is never skipped: see check_port_holders.
+    Returns the listening sockets.  Raises AlreadyRunning when an epmd holds
+    the port, StartupError on any other failure.  Source: OTP epmd_srv.c, run.
     """
     socks = []
-    nonfatal = 2 if addresses and addresses[0][1] == "127.0.0.1" else 0
     try:
-        for i, (family, addr) in enumerate(addresses):
+        for family, addr, implicit in addresses:
+            optional = implicit or addr == LOOPBACK.get(family)
             try:
                 sock = socket.socket(family, socket.SOCK_STREAM)
             except OSError as e:
-                if e.errno in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
+                if e.errno in NO_SUCH_ADDRESS:
+                    log.dbg_printf(0, "skipping ipaddr %s: %s", addr, e.strerror)
                     continue
                 raise StartupError("error opening stream socket: %s" % e.strerror) from e
             try:
@@ -903,12 +954,12 @@ def open_listen_sockets(addresses, port, log):
             except OSError as e:
                 sock.close()
                 if e.errno == errno.EADDRINUSE:
-                    raise AlreadyRunning("there is already a epmd running at port %d on ipaddr %s"
-                                         % (port, addr)) from e
+                    # D18: only an epmd on the port is "already running"
+                    check_port_holders(family, addr, port, socks)
                 msg = "failed to bind on ipaddr %s: %s" % (addr, e.strerror)
-                if i >= nonfatal:
+                if not (optional and e.errno in NO_SUCH_ADDRESS):
                     raise StartupError(msg) from e
-                log.dbg_printf(0, "%s", msg)
+                log.dbg_printf(0, "%s", msg)     # as OTP's line; the start goes on
                 continue
             try:
                 sock.listen(socket.SOMAXCONN)
@@ -925,27 +976,189 @@ def open_listen_sockets(addresses, port, log):
     return socks
 
 
+# -- who holds the port (D18) -------------------------------------------------
+
+PROC_NET_TCP = {socket.AF_INET: "/proc/net/tcp", socket.AF_INET6: "/proc/net/tcp6"}
+TCP_LISTEN = "0A"                   # st column of /proc/net/tcp: LISTEN
+PROBE_TIMEOUT = 2.0                 # seconds a holder has to show up and answer NAMES_REQ
+MAX_PROBE_REPLY = 1 << 22           # bytes of a NAMES reply read while probing
+PROBE_RETRY = 0.05                  # seconds between looks for a listening holder
+
+
+def proc_net_listeners(port, table_of=PROC_NET_TCP):
+    """Return the TCP sockets listening on *port* in this network namespace,
+    from /proc/net/tcp and /proc/net/tcp6, as (family, address, uid, inode)
+    tuples; None when neither table can be read (other systems, or /proc
+    hidden).  A socket bound but not listening is not in these tables.
+
+    Each line holds ``local_address`` as hex ``ADDR:PORT`` (the address in
+    32-bit words of host byte order), ``st`` (hex state, 4th column),
+    ``uid`` (8th) and ``inode`` (10th).
+    """
+    found = []
+    readable = False
+    for family, path in table_of.items():
+        try:
+            with open(path) as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        readable = True
+        for line in lines:
+            parts = line.split()
+            if len(parts) < 10 or parts[3] != TCP_LISTEN:
+                continue
+            hexaddr, _, hexport = parts[1].partition(":")
+            try:
+                if int(hexport, 16) != port:
+                    continue
+                raw = bytes.fromhex(hexaddr)
+                words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                addr = socket.inet_ntop(family, words)
+                found.append((family, addr, int(parts[7]), int(parts[9])))
+            except (ValueError, OSError):
+                continue
+    return found if readable else None
+
+
+def _v4_of(family, addr):
+    """The IPv4 text of an IPv4 or IPv4-mapped IPv6 address, else None."""
+    if family == socket.AF_INET:
+        return addr
+    if addr.startswith("::ffff:") and "." in addr:
+        return addr[7:]
+    return None
+
+
+def conflicts(family, addr, hfamily, haddr):
+    """True if a socket bound to (*hfamily*, *haddr*) can keep us (IPv6
+    sockets being IPv6-only) from binding (*family*, *addr*) on the same
+    port: the same family and the same address or a wildcard on either
+    side, or for IPv4 an IPv6 wildcard or mapped address (a dual-stack
+    socket, which /proc cannot tell from an IPv6-only one)."""
+    if hfamily == family:
+        return WILDCARD[family] in (addr, haddr) or addr == haddr
+    if family == socket.AF_INET:
+        v4 = _v4_of(hfamily, haddr)
+        if haddr == WILDCARD[hfamily]:
+            return True
+        return v4 is not None and (v4 == addr or WILDCARD[family] in (v4, addr))
+    return False
+
+
+def answers_as_epmd(family, addr, port, timeout=PROBE_TIMEOUT):
+    """Send NAMES_REQ to (*addr*, *port*); True if the reply is an epmd's.
+
+    An epmd's reply is the u32 port (ours, or 4369: OTP's -systemd reports
+    it whatever the port) and ``name N at port P\\n`` lines, then EOF, all
+    within *timeout* seconds.
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect((addr, port))
+            s.sendall(U16.pack(1) + bytes((NAMES_REQ,)))
+            data = b""
+            while len(data) <= MAX_PROBE_REPLY:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                s.settimeout(left)
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError:
+        return False
+    if len(data) < NAMES_HEADER_LEN or U32.unpack_from(data)[0] not in (port, EPMD_PORT_NO):
+        return False
+    lines = data[NAMES_HEADER_LEN:].split(b"\n")
+    if len(data) <= MAX_PROBE_REPLY and lines[-1]:
+        return False                    # the reply ended inside a line
+    return all(line.startswith(b"name ") and b" at port " in line for line in lines[:-1])
+
+
+def check_port_holders(family, addr, port, ours=()):
+    """EADDRINUSE on (*family*, *addr*, *port*): find who holds the port and
+    raise AlreadyRunning if every holder answers as an epmd, StartupError
+    naming the address, the port and the holder's uid otherwise.
+
+    Holders are the listening sockets of /proc/net/tcp{,6} on *port* whose
+    address conflicts with ours, minus our own sockets *ours*.  When none
+    is listed, the tables are read again for up to PROBE_TIMEOUT seconds
+    (another epmd may be between its bind and its listen); then the port is
+    held by a socket that does not listen.  Without /proc our address itself
+    is asked.  A wildcard holder is asked on our address (or, for a wildcard,
+    on the loopback address of our family).
+    D18: OTP exits 0 whoever holds the port.
+    """
+    own = set()
+    for s in ours:
+        try:
+            own.add(os.fstat(s.fileno()).st_ino)
+        except OSError:
+            pass
+    where = "ipaddr %s port %d" % (addr, port)
+    deadline = time.monotonic() + PROBE_TIMEOUT
+    while True:
+        listeners = proc_net_listeners(port)
+        if listeners is None:
+            holders = [(family, addr, None)]
+            break
+        holders = [(hf, ha, uid) for hf, ha, uid, inode in listeners
+                   if inode not in own and conflicts(family, addr, hf, ha)]
+        if holders:
+            break
+        if time.monotonic() >= deadline:
+            raise StartupError("cannot listen on %s: in use by a socket that does not listen"
+                               % where)
+        time.sleep(PROBE_RETRY)
+    for hfamily, haddr, uid in holders:
+        owner = "uid %d" % uid if uid is not None else "an unknown owner"
+        shown = "[%s]:%d" % (haddr, port) if hfamily == socket.AF_INET6 else "%s:%d" % (haddr, port)
+        v4 = _v4_of(hfamily, haddr)
+        if haddr != WILDCARD[hfamily] and v4 != WILDCARD[socket.AF_INET]:
+            target = (socket.AF_INET, v4) if v4 else (hfamily, haddr)
+        elif addr != WILDCARD[family]:
+            target = (family, addr)
+        else:
+            target = (family, LOOPBACK[family])
+        if not answers_as_epmd(target[0], target[1], port):
+            raise StartupError("cannot listen on %s: in use by a listening socket of %s on %s "
+                               "that does not answer as an epmd" % (where, owner, shown))
+    raise AlreadyRunning("there is already a epmd running at port %d on ipaddr %s" % (port, addr))
+
+
 def systemd_listen_sockets(environ, stored=None):
     """Return the listening sockets systemd passed (socket activation).
 
-    Reads LISTEN_PID (must be this process, if set) and LISTEN_FDS; the
-    sockets are fds 3, 4, ...  Raises StartupError when there are none or
-    more than MAX_LISTEN_SOCKETS.  The variables are removed from *environ*
-    so that children do not inherit them.  Descriptors that LISTEN_FDNAMES
-    (names separated by ':') gives our fd store names (is_stored_name) come
-    from the fd store: they go into the dict *stored* (name -> fd), not among the
-    listeners (see the hand-over section).  Source: sd_listen_fds(3).
+    As sd_listen_fds(3): LISTEN_PID must be set and name this process, else
+    there are no sockets (a LISTEN_FDS inherited from elsewhere names
+    descriptors that are not ours); LISTEN_PID or LISTEN_FDS that is not a
+    number is an error.  The sockets are fds 3, 4, ...  Raises StartupError
+    ("cannot obtain sockets from systemd", as OTP, with the detail) for those
+    and when there are none or more than MAX_LISTEN_SOCKETS.  The variables
+    are removed from *environ* so that children do not inherit them.
+    Descriptors that LISTEN_FDNAMES (names separated by ':') gives our fd
+    store names (is_stored_name) come from the fd store: they go into the
+    dict *stored* (name -> fd), not among the listeners (see the hand-over
+    section).  Source: sd_listen_fds(3); OTP epmd_srv.c, run.
     """
     pid = environ.pop("LISTEN_PID", None)
     fds = environ.pop("LISTEN_FDS", None)
     fdnames = environ.pop("LISTEN_FDNAMES", None)
     fdnames = fdnames.split(":") if fdnames else []
     count = 0
-    if fds is not None and (pid is None or pid.strip() == str(os.getpid())):
-        try:
-            count = int(fds)
-        except ValueError:
-            raise StartupError("cannot obtain sockets from systemd: LISTEN_FDS=%r" % fds) from None
+    if pid is not None:
+        if not pid.isdigit():
+            raise StartupError("cannot obtain sockets from systemd: LISTEN_PID=%r" % pid)
+        if int(pid) == os.getpid() and fds is not None:
+            try:
+                count = int(fds)
+            except ValueError:
+                raise StartupError("cannot obtain sockets from systemd: LISTEN_FDS=%r"
+                                   % fds) from None
     fd_range = range(SYSTEMD_FIRST_FD, SYSTEMD_FIRST_FD + max(count, 0))
     if stored is not None:
         for i, fd in enumerate(fd_range):
@@ -967,6 +1180,21 @@ def systemd_listen_sockets(environ, stored=None):
         sock.setblocking(False)
         socks.append(sock)
     return socks
+
+
+def systemd_port(socks, default):
+    """D20: the port NAMES and DUMP report under -systemd: that of the first
+    passed socket with one (IPv4 or IPv6), else *default*.  OTP reports the
+    -port value (4369 by default) whatever port the sockets have, and an
+    OTP node's net_adm:names() refuses a reply whose port is not its own
+    epmd port."""
+    for sock in socks:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                return sock.getsockname()[1]
+            except OSError:
+                continue
+    return default
 
 
 def sd_notify(state, environ=os.environ):
@@ -1752,6 +1980,7 @@ class Epmd(Handover):
             log.dbg_printf(2, "try to obtain sockets from systemd")
             stored = {}
             self.listeners = systemd_listen_sockets(os.environ, stored)
+            self.port = systemd_port(self.listeners, self.port)
             self.fdstore = FdStore.open(os.environ, stored, log)
         else:
             log.dbg_printf(2, "try to initiate listening port %d", self.port)
@@ -2532,8 +2761,9 @@ epmd.py, the Erlang port mapper daemon; see epmd(1).
 
 Daemon options
     -address List
-        Listen on these IP addresses (separated by commas or spaces) and
-        always on 127.0.0.1 and ::1 too.  Default: every address.
+        Listen on these IP addresses (separated by commas or spaces), and
+        on 127.0.0.1 and ::1 unless that address or its family's wildcard
+        (0.0.0.0, ::) is listed.  Default: every address.
     -port No
         Listen on port No instead of %(port)d (also: ERL_EPMD_PORT).
     -d, -debug
@@ -2545,7 +2775,8 @@ Daemon options
         Let -kill stop the daemon while nodes are registered, and allow
         -stop (also: ERL_EPMD_RELAXED_COMMAND_CHECK set to anything).
     -systemd
-        Serve the sockets passed by systemd socket activation.
+        Serve the sockets passed by systemd socket activation
+        (LISTEN_FDS, for the process LISTEN_PID).
 
 DbgExtra options
     -packet_timeout Seconds
@@ -2636,14 +2867,37 @@ def parse_port(value, source):
     return port
 
 
+C_SPACE = " \t\n\v\f\r"               # what C's atoi() skips before the number
+INT_MAX = 2 ** 31 - 1
+
+
+def atoi(value):
+    """C's atoi(): the leading integer of *value* ("1.5" -> 1, "5s" -> 5,
+    " +7" -> 7, "-3" -> -3), or 0 when it has none.  Values beyond a C int
+    are returned as they are (atoi's result is undefined there)."""
+    rest = value.lstrip(C_SPACE)
+    sign = ""
+    if rest[:1] in ("+", "-"):
+        sign, rest = rest[:1], rest[1:]
+    digits = len(rest) - len(rest.lstrip("0123456789"))
+    return int(sign + rest[:digits], 10) if digits else 0
+
+
 def parse_seconds(flag, value):
-    """Return *value* as a whole number of seconds >= 1 or raise UsageError."""
-    try:
-        secs = int(value, 10)
-    except (TypeError, ValueError):
-        secs = 0
-    if secs < 1:
+    """Return the seconds of -packet_timeout, -delay_accept or -delay_write.
+
+    As OTP, the leading integer counts (atoi: "1.5" is 1, "5s" is 5) and 0
+    (or no number) is a usage error.  D21: a negative value, which OTP takes
+    (a negative -packet_timeout times every request out at once, a negative
+    delay sleeps for a century), and one beyond a C int, are usage errors
+    too.  Raises UsageError.  Source: OTP epmd.c, main.
+    """
+    secs = atoi(value)
+    if secs == 0:
         raise UsageError("invalid value for %s: %r (expected whole seconds >= 1)" % (flag, value))
+    if not 1 <= secs <= INT_MAX:
+        raise UsageError("invalid value for %s: %r (OTP reads it as %d seconds; expected "
+                         "1..%d)" % (flag, value, secs, INT_MAX))
     return secs
 
 
@@ -2709,6 +2963,8 @@ def parse_args(argv, environ):
 def usage(msg=None, out=None):
     """Print *msg* (if any) and the usage text on stderr; return 1.
 
+    D23: our own usage text, which names the bad option or value first
+    (``epmd: unknown option '-bogus'``); OTP prints its usage text alone.
     With *out* (a text stream), print only the usage text there and return
     0: the answer to -h, -help and --help (D14).
     """
@@ -2787,6 +3043,8 @@ def make_daemon(opts):
 
 
 def _terminate(signum, frame):
+    """D22: SIGTERM and SIGINT end the loop and exit 0 (sockets closed,
+    systemd told); OTP's epmd dies of the signal."""
     raise EpmdExit(0)
 
 
@@ -2794,8 +3052,10 @@ def serve(epmd, ready=None):
     """Bind, report readiness through *ready* (a callable taking an exit
     code and a message, for -daemon), then run; return the exit status.
 
-    Port in use: exit 0, as OTP; D12: the "already running" line is printed
-    at level 0 in the foreground (OTP prints it only with -d).
+    Port in use by an epmd: exit 0, as OTP; D12: the "already running" line
+    is printed at level 0 in the foreground (OTP prints it only with -d).
+    D18: in use by anything else, exit 1 (StartupError, see
+    check_port_holders).
     """
     log = epmd.log
     log.dbg_printf(1, "epmd running - daemon = %d", int(log.is_daemon))
@@ -2839,8 +3099,9 @@ def run_daemon(epmd):
     Double fork with setsid() between, SIGHUP ignored, cwd "/", umask 0,
     standard streams on /dev/null, logging to syslog.  D5: the parent
     returns only once the daemon has bound its sockets: 0 when it serves
-    (or another epmd holds the port, as OTP), 1 with the bind error on
-    stderr.  Should the child fail in any other way before it is bound, the
+    (or another epmd holds the port, as OTP; silently), 1 with the bind
+    error on stderr (D18: also when the port is held by anything but an
+    epmd).  Should the child fail in any other way before it is bound, the
     parent prints that error and returns 1; after binding, the traceback
     goes to the log.  Source: OTP epmd.c, run_daemon.
     """

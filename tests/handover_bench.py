@@ -32,9 +32,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import helpers  # noqa: E402
-from helpers import (Daemon, LookupLoad, Nodes, SystemdStandIn, base_env, creation_of,  # noqa: E402
-                     dump, free_port, proc_fds, proc_rss_kb, register, register_mixed, registered,
-                     request, wait_until)
+from helpers import (  # noqa: E402
+    Daemon,
+    LookupLoad,
+    Nodes,
+    SystemdStandIn,
+    base_env,
+    creation_of,
+    dump,
+    free_port,
+    proc_fds,
+    proc_rss_kb,
+    register,
+    register_mixed,
+    registered,
+    request,
+    wait_until,
+)
 
 
 def loads(port, names, rate, threads):

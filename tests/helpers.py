@@ -233,6 +233,12 @@ def registered_or_empty(port):
         return []
 
 
+def without_syslog_warning(err):
+    """*err* less the D15 warning that -daemon prints when /dev/log is missing."""
+    lines = err.splitlines(keepends=True)
+    return b"".join(line for line in lines if not line.startswith(b"epmd: warning: no syslog at "))
+
+
 def wait_until(pred, timeout=5.0, step=0.02):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -754,3 +760,70 @@ class SystemdStandIn:
         self.notify.close()
         self.listener.close()
         self._err.close()
+
+
+def listening_sockets(pid):
+    """The (address, port) pairs process *pid* listens on, sorted, read from
+    /proc/<pid>/net/tcp{,6} (so in the process's own network namespace) and
+    matched to the process's socket inodes."""
+    inodes = set()
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            link = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    found = []
+    for table, fam in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        with open("/proc/%d/net/%s" % (pid, table)) as f:
+            next(f)
+            for line in f:
+                parts = line.split()
+                if parts[3] != "0A" or parts[9] not in inodes:
+                    continue
+                hexaddr, hexport = parts[1].split(":")
+                raw = bytes.fromhex(hexaddr)
+                words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                found.append((socket.inet_ntop(fam, words), int(hexport, 16)))
+    return sorted(found)
+
+
+class BareNS:
+    """A network namespace of its own with only loopback (up), IPv6 on or
+    off (net.ipv6.conf.{all,default}.disable_ipv6=1 before lo comes up, so
+    ::1 does not exist), and extra addresses on lo: 192.0.2.10 and, with
+    IPv6, 2001:db8::10.  Commands run inside it through `ip netns exec`,
+    which execs them, so a Popen's pid is the command's."""
+
+    ADDR4 = "192.0.2.10"
+    ADDR6 = "2001:db8::10"
+
+    def __init__(self, ipv6=True):
+        self.ipv6 = ipv6
+        self.name = "epmdb%d%s%04d" % (os.getpid() % 100000, "6" if ipv6 else "4",
+                                       random.randint(0, 9999))
+
+    def _ip(self, *args):
+        subprocess.run(["ip"] + list(args), check=True, capture_output=True, timeout=20)
+
+    def create(self):
+        self._ip("netns", "add", self.name)
+        if not self.ipv6:
+            for scope in ("all", "default", "lo"):
+                self._ip("netns", "exec", self.name, "sysctl", "-q", "-w",
+                         "net.ipv6.conf.%s.disable_ipv6=1" % scope)
+        self._ip("-n", self.name, "link", "set", "lo", "up")
+        self._ip("-n", self.name, "addr", "add", self.ADDR4 + "/32", "dev", "lo")
+        if self.ipv6:
+            self._ip("-n", self.name, "addr", "add", self.ADDR6 + "/128", "dev", "lo", "nodad")
+        return self
+
+    def destroy(self):
+        try:
+            self._ip("netns", "del", self.name)
+        except (subprocess.SubprocessError, OSError):
+            pass
+
+    def argv(self, *args):
+        return ["ip", "netns", "exec", self.name] + [str(a) for a in args]

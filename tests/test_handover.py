@@ -15,11 +15,30 @@ import sys
 import time
 
 import pytest
+from helpers import (
+    EPMD_PY,
+    ERL,
+    Daemon,
+    LookupLoad,
+    Nodes,
+    SystemdStandIn,
+    base_env,
+    connect,
+    creation_of,
+    dump,
+    frame,
+    free_port,
+    need,
+    proc_fds,
+    proc_rss_kb,
+    register,
+    register_mixed,
+    registered,
+    request,
+    wait_until,
+)
 
 import epmd
-from helpers import (EPMD_PY, ERL, Daemon, LookupLoad, Nodes, SystemdStandIn, base_env, connect, creation_of,
-                     dump, frame, free_port, need, proc_fds, proc_rss_kb, register,
-                     register_mixed, registered, request, wait_until)
 
 pytestmark = pytest.mark.timeout(180)
 

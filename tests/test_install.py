@@ -16,7 +16,6 @@ import tarfile
 import zipfile
 
 import pytest
-
 from helpers import ROOT, base_env, free_port, names, need, wait_until
 
 import epmd

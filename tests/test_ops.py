@@ -21,9 +21,19 @@ import sys
 import tempfile
 
 import pytest
-
-from helpers import (EPMD_PY, OTP_EPMD, ROOT, base_env, free_port, names, need, register, registered,
-                     request, wait_until)
+from helpers import (
+    EPMD_PY,
+    OTP_EPMD,
+    ROOT,
+    base_env,
+    free_port,
+    names,
+    need,
+    register,
+    registered,
+    request,
+    wait_until,
+)
 
 import epmd
 

@@ -2,6 +2,7 @@
 creation rules, the node table, address parsing, hexdumps, the command line."""
 
 import io
+import os
 import socket
 
 import pytest
@@ -284,24 +285,69 @@ def test_print_names_level3():
 
 # -- addresses ----------------------------------------------------------------
 
+IN, IN6 = socket.AF_INET, socket.AF_INET6
+
+
 def test_parse_addresses_default():
     for spec in (None, "", " , ,"):
-        assert epmd.parse_addresses(spec) == [(socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")]
+        assert epmd.parse_addresses(spec) == [(IN, "0.0.0.0", False), (IN6, "::", False)]
 
 
 def test_parse_addresses_list():
+    """Loopback first (listed, or implicit when neither the loopback nor the
+    wildcard of its family is listed: OTP PR 11409), then the rest in order."""
     assert epmd.parse_addresses(" 127.0.0.3 , ,::1,127.0.0.1 10.1.2.3") == [
-        (socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1"),
-        (socket.AF_INET, "127.0.0.3"), (socket.AF_INET, "10.1.2.3")]
-    assert epmd.parse_addresses("fe80::1")[-1] == (socket.AF_INET6, "fe80::1")
+        (IN, "127.0.0.1", False), (IN6, "::1", False),
+        (IN, "127.0.0.3", False), (IN, "10.1.2.3", False)]
+    assert epmd.parse_addresses("fe80::1") == [
+        (IN, "127.0.0.1", True), (IN6, "::1", True), (IN6, "fe80::1", False)]
+    assert epmd.parse_addresses("0.0.0.0") == [(IN6, "::1", True), (IN, "0.0.0.0", False)]
+    assert epmd.parse_addresses("::") == [(IN, "127.0.0.1", True), (IN6, "::", False)]
+    assert epmd.parse_addresses("::,0.0.0.0") == [(IN6, "::", False), (IN, "0.0.0.0", False)]
+    a = epmd.parse_addresses("::1")[0]
+    assert (a.family, a.address, a.implicit) == (IN, "127.0.0.1", True)
 
 
 def test_parse_addresses_errors():
     with pytest.raises(epmd.StartupError, match='cannot parse IP address "bogus"'):
         epmd.parse_addresses("127.0.0.2,bogus")
-    epmd.parse_addresses(",".join("10.0.0.%d" % i for i in range(1, 14)))
+    epmd.parse_addresses(",".join("10.0.0.%d" % i for i in range(1, 14)) + ",127.0.0.1,::1")
     with pytest.raises(epmd.StartupError, match="more than 16"):
         epmd.parse_addresses(",".join("10.0.0.%d" % i for i in range(1, 15)))
+    with pytest.raises(epmd.StartupError, match='"127.0.0.2" is listed twice'):
+        epmd.parse_addresses("127.0.0.2 127.0.0.2")
+    with pytest.raises(epmd.StartupError, match='"::2" is listed twice .as "0::2"'):
+        epmd.parse_addresses("0::2,::2")
+    with pytest.raises(epmd.StartupError, match='"0.0.0.0" overlaps "127.0.0.1"'):
+        epmd.parse_addresses("127.0.0.1,0.0.0.0")
+
+
+@pytest.mark.parametrize("value,secs", [("1", 1), ("1.5", 1), ("5s", 5), (" +7", 7), ("60", 60)])
+def test_parse_seconds_like_atoi(value, secs):
+    """As OTP's atoi(): the leading integer counts."""
+    assert epmd.parse_seconds("-packet_timeout", value) == secs
+
+
+@pytest.mark.parametrize("value,message", [
+    ("0", "expected whole seconds >= 1"), ("abc", "expected whole seconds >= 1"),
+    ("", "expected whole seconds >= 1"), ("-3", "OTP reads it as -3 seconds"),
+    ("2147483648", "expected 1..2147483647"),
+])
+def test_parse_seconds_refused(value, message):
+    """0 or no number: usage, as OTP; D21: negative or beyond a C int too."""
+    with pytest.raises(epmd.UsageError, match=message):
+        epmd.parse_seconds("-delay_write", value)
+
+
+@pytest.mark.parametrize("peer,local", [
+    ("::ffff:127.0.0.1", True), ("::ffff:127.1.2.3", True), ("::1", True),
+    ("::ffff:198.18.1.2", False), ("::ffff:128.0.0.1", False), ("2001:db8::2", False),
+])
+def test_mapped_loopback_is_local(peer, local):
+    """D19: an IPv4-mapped 127.0.0.0/8 peer on a dual-stack socket is local."""
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        assert epmd.conn_local_peer_check(s, (peer, 1, 0, 0), socket.AF_INET6) is local
 
 
 # -- hexdump ------------------------------------------------------------------
@@ -370,11 +416,16 @@ def test_parse_args_bad_env_port(value):
     ({}, "systemd provides no sockets"),
     ({"LISTEN_FDS": "0"}, "systemd provides no sockets"),
     ({"LISTEN_FDS": "2", "LISTEN_PID": "1"}, "systemd provides no sockets"),
-    ({"LISTEN_FDS": "17"}, "more than 16"),
+    ({"LISTEN_FDS": "17"}, "systemd provides no sockets"),
+    ({"LISTEN_FDS": "17", "LISTEN_PID": "self"}, "more than 16"),
+    ({"LISTEN_FDS": "x", "LISTEN_PID": "self"}, "cannot obtain sockets from systemd: LISTEN_FDS='x'"),
+    ({"LISTEN_FDS": "1", "LISTEN_PID": "x1"}, "cannot obtain sockets from systemd: LISTEN_PID='x1'"),
 ])
 def test_systemd_listen_sockets_errors(env, message):
+    """As sd_listen_fds(): LISTEN_PID must be set and be ours."""
+    env = {k: str(os.getpid()) if v == "self" else v for k, v in env.items()}
     with pytest.raises(epmd.StartupError, match=message):
-        epmd.systemd_listen_sockets(dict(env))
+        epmd.systemd_listen_sockets(env)
 
 
 class FakeSyslog:
