@@ -1701,7 +1701,10 @@ def socket_pids(inodes, uid=None, deadline=None, first=False):
     me = os.getpid()
     if uid is not None:
         mine, others = [], []
-        for pid in entries:
+        for i, pid in enumerate(entries):
+            if deadline is not None and time.monotonic() > deadline:
+                others.extend(entries[i:])      # no time to sort the rest
+                break
             try:
                 (mine if os.stat("/proc/%d" % pid).st_uid == uid else others).append(pid)
             except OSError:
