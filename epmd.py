@@ -2400,8 +2400,6 @@ def parse_args(argv, environ):
             opts["action"] = key
             if key == "stop":
                 opts["stop_name"] = os.fsencode(value)
-    if opts["json"] and opts["action"] != "status":
-        raise UsageError("-json goes with -status only")
     if not opts["port_given"] and env_port is not None:
         opts["port"] = parse_port(env_port, "in ERL_EPMD_PORT")
     return opts
@@ -2538,6 +2536,8 @@ def main(argv=None):
         return usage(str(e))
     action = opts["action"]
     port = opts["port"]
+    if opts["json"] and action != "status":
+        return usage("-json goes with -status only")
     if action == "names":
         return epmd_call(port, NAMES_REQ)
     if action == "dump":
