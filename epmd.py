@@ -437,7 +437,7 @@ class Node:
     version, name and extra (bytes, <= MAXSYMLEN each), cr_counter (u32).
     ``conn`` is the Connection holding the registration, or None.
     ``since`` is when it registered (Unix time, seconds) and ``holder`` the
-    (conn, text) of the last look-up of who holds it (Diagnostics).
+    (conn, HolderScan) of the search for who holds it (Diagnostics).
     """
 
     __slots__ = ("name", "fd", "port", "nodetype", "protocol", "highvsn", "lowvsn",
@@ -456,7 +456,7 @@ class Node:
         self.conn = None
         self.resp = None            # its PORT2_RESP, made on the first lookup
         self.since = 0.0            # Unix time of the registration (D20)
-        self.holder = None          # (conn, text): who holds it, once looked up (D20)
+        self.holder = None          # (conn, HolderScan): who holds it (D20)
 
     @property
     def creation(self):
@@ -1758,7 +1758,10 @@ def proc_command(pid, limit=None):
 
 def sock_addrs(sock):
     """(family, (peer address, port), (own address, port)) of a connected
-    TCP socket, IPv6 flow info dropped; raises OSError."""
+    TCP socket, IPv6 flow info dropped; raises OSError (for any other
+    socket too)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        raise OSError(errno.EAFNOSUPPORT, "not a TCP/IP socket")
     peer = sock.getpeername()
     own = sock.getsockname()
     return sock.family, (peer[0], peer[1]), (own[0], own[1])
@@ -1776,11 +1779,12 @@ class Diagnostics:
     port.  Finding the process runs in the daemon's single loop, so it is
     bounded: one look-up takes at most DIAG_LOOKUP_BUDGET seconds (sock_diag
     finds the socket's inode in one call; /proc/*/fd is then scanned, the
-    socket owner's processes first) and a token bucket allows
+    socket owner's processes first: HolderScan) and a token bucket allows
     DIAG_LOOKUP_RATE look-ups per second (DIAG_LOOKUP_BURST in a row).  A
-    look-up cut short, or not made, logs what it has.  A result is kept
-    with the Node, so further refusals of the same registration cost no
-    look-up.  *clock* is time.monotonic.
+    look-up cut short, or not made, logs what it has; a search cut short
+    resumes at the next refusal of the name.  The search is kept with the
+    Node, so once it is done further refusals of the same registration cost
+    no look-up.  *clock* is time.monotonic.
     """
 
     __slots__ = ("log", "tokens", "refilled", "clock")
@@ -1808,33 +1812,41 @@ class Diagnostics:
         try:
             family, peer, _ = sock_addrs(conn.sock)
             return format_addr(family, peer[0], peer[1])
-        except OSError:
+        except (OSError, AttributeError):
             return "?"
 
-    def refused(self, conn, what, why):
-        """Log ``refused <what> from <peer>: <why>`` at level 0."""
+    def refused(self, conn, what, explain, *args):
+        """Log ``refused <what> from <peer>: <explain(*args)>`` at level 0.
+        A diagnosis that fails says so: it never costs the request its
+        answer or the daemon its loop."""
+        try:
+            why = explain(*args)
+        except Exception as e:  # diagnostics only: never let them break a request
+            why = "(no diagnosis: %r)" % (e,)
         self.log.dbg_printf(0, "refused %s from %s: %s", what, self.peer_text(conn), why)
 
     def remote_refused(self, conn, what):
         """D21: the line after OTP's ``<what> from non local address``."""
-        self.refused(conn, what, "only peers on this host may send it "
-                                 "(loopback, or this host's own address)")
+        self.refused(conn, what, lambda: "only peers on this host may send it "
+                                         "(loopback, or this host's own address)")
 
     def alive2_malformed(self, conn, payload, err):
         """D20: the line after OTP's line for an ALIVE2_REQ whose packet is
         malformed (parse_alive2_req raised *err*)."""
-        self.refused(conn, "ALIVE2_REQ", alive2_packet_problem(payload) or str(err))
+        self.refused(conn, "ALIVE2_REQ", lambda: alive2_packet_problem(payload) or str(err))
 
     def alive2_refused(self, conn, req, table):
         """D20: the line after OTP's line for an ALIVE2_REQ that node_reg2
         refused: the name already registered (who holds it, since when) or
         what is wrong with the name or extra."""
+        self.refused(conn, "ALIVE2_REQ", self.alive2_why, req, table)
+
+    def alive2_why(self, req, table):
+        """The reason part of alive2_refused's line."""
         holder = table.reg.get(req.name)
         if holder is not None:
-            why = 'name "%s" is %s' % (text(req.name), self.holder_text(holder))
-        else:
-            why = alive2_name_problem(req)
-        self.refused(conn, "ALIVE2_REQ", why)
+            return 'name "%s" is %s' % (text(req.name), self.holder_text(holder))
+        return alive2_name_problem(req)
 
     def holder_text(self, node):
         """Describe who holds *node*'s registration, within the limits."""
@@ -1844,53 +1856,146 @@ class Diagnostics:
             time.ctime(since), age, node.port)
         conn = node.conn
         cached = node.holder
-        if cached is not None and cached[0] is conn:
-            return "held by %s, %s" % (cached[1], when)
+        if cached is None or cached[0] is not conn:
+            try:
+                family, peer, own = sock_addrs(conn.sock)
+            except (OSError, AttributeError):
+                return "held by a connection that is going away, %s" % when
+            cached = node.holder = (conn, HolderScan(family, peer, own))
+        scan = cached[1]
+        if not scan.done:
+            if not self.take_token():
+                return "held by %s, %s" % (scan.describe(
+                    "process not looked up: more than %g look-ups a second" % DIAG_LOOKUP_RATE),
+                    when)
+            scan.step(time.monotonic() + DIAG_LOOKUP_BUDGET)
+        return "held by %s, %s" % (scan.describe(), when)
+
+
+class HolderScan:
+    """The search for the process at the other end of a TCP connection to
+    this one (*peer* and *own*: its (address, port) pairs), in steps that
+    each stop at a deadline and resume where the last one stopped, so that
+    a search needing more than DIAG_LOOKUP_BUDGET seconds completes over a
+    few refusals instead of stalling the loop.
+
+    The socket's uid and inode come from sock_diag_find (or /proc/net/tcp
+    where sock_diag is missing); then /proc/<pid>/fd of each process,
+    newest pid first, the socket owner's processes before the others, is
+    searched for ``socket:[inode]``.  ``done`` once the answer is final.
+    """
+
+    __slots__ = ("family", "peer", "own", "uid", "inode", "pending", "later", "current",
+                 "pid", "denied", "done", "gone")
+
+    def __init__(self, family, peer, own):
+        self.family = family
+        self.peer = peer
+        self.own = own
+        self.uid = None
+        self.inode = None
+        self.pending = None         # pids not looked at yet (ascending; popped from the end)
+        self.later = []             # pids of other owners, for after the pending ones
+        self.current = None         # (pid, its fd names, next index) of a process cut short
+        self.pid = None
+        self.denied = 0
+        self.done = False
+        self.gone = False           # the socket is not in this namespace's tables
+
+    def find_socket(self, deadline):
+        """Set uid and inode of the peer's socket; False if not found."""
         try:
-            family, peer, own = sock_addrs(conn.sock)
-        except (OSError, AttributeError):
-            return "held by a connection that is going away, %s" % when
-        addr = format_addr(family, peer[0], peer[1])
-        if not self.take_token():
-            return ("held by %s (process not looked up: more than %g look-ups a second), %s"
-                    % (addr, DIAG_LOOKUP_RATE, when))
-        who, final = find_holder(family, peer, own, time.monotonic() + DIAG_LOOKUP_BUDGET)
-        who = "%s, connected from %s" % (who, addr)
-        if final:
-            node.holder = (conn, who)
-        return "held by %s, %s" % (who, when)
+            found = sock_diag_find(self.family, self.peer, self.own)
+        except OSError:
+            found = None
+            for entry in iter_proc_tcp_sockets((self.family,)):
+                if entry[1:5] == (self.peer[0], self.peer[1], self.own[0], self.own[1]):
+                    found = entry[6], entry[7]
+                    break
+                if time.monotonic() > deadline:
+                    return False
+        if found is None:
+            self.gone = self.done = True
+            return False
+        self.uid, self.inode = found
+        return True
 
-
-def find_holder(family, peer, own, deadline):
-    """Name the process at the other end of a connection to this process:
-    *peer* and *own* are its (address, port) pairs.  Returns (text, final):
-    ``pid N (command)`` or what is known instead (its uid, why the pid is
-    unknown), and whether that answer is worth keeping (False when the
-    *deadline* cut the search short)."""
-    uid_inode = None
-    try:
-        uid_inode = sock_diag_find(family, peer, own)
-    except OSError:
-        for entry in iter_proc_tcp_sockets((family,)):
-            if entry[1:5] == (peer[0], peer[1], own[0], own[1]):
-                uid_inode = entry[6], entry[7]
-                break
+    def step(self, deadline):
+        """Search until done or *deadline* (a time.monotonic() value)."""
+        if self.inode is None and not self.find_socket(deadline):
+            return
+        if self.pending is None:
+            try:
+                self.pending = sorted(int(d) for d in os.listdir("/proc") if d.isdigit())
+            except OSError:
+                self.pending = []
+        link = SOCKET_LINK % self.inode
+        me = os.getpid()
+        while True:
+            if self.current is None:
+                pid = self.next_pid()
+                if pid is None:
+                    self.done = True
+                    return
+                if pid == me:
+                    continue
+                try:
+                    fds = os.listdir("/proc/%d/fd" % pid)
+                except PermissionError:
+                    self.denied += 1
+                    continue
+                except OSError:
+                    continue
+                self.current = (pid, fds, 0)
+            pid, fds, i = self.current
+            while i < len(fds):
+                if time.monotonic() > deadline:
+                    self.current = (pid, fds, i)
+                    return
+                try:
+                    if os.readlink("/proc/%d/fd/%s" % (pid, fds[i])) == link:
+                        self.pid = pid
+                        self.done = True
+                        return
+                except OSError:
+                    pass
+                i += 1
+            self.current = None
             if time.monotonic() > deadline:
-                break
-    if uid_inode is None:
-        return "pid ? (its socket is not in this network namespace's tables)", True
-    uid, inode = uid_inode
-    pids, complete, denied = socket_pids((inode,), uid, deadline, first=True)
-    found = pids.get(inode)
-    if found:
-        pid = found[0]
-        return "pid %d (%s)" % (pid, proc_command(pid, DIAG_COMMAND_MAX) or "?"), True
-    if not complete:
-        return "pid ? (uid %d; no process found within %g ms)" % (
-            uid, DIAG_LOOKUP_BUDGET * 1000), False
-    if denied:
-        return "pid ? (uid %d; not permitted to read other users' /proc/<pid>/fd)" % uid, True
-    return "pid ? (uid %d; no process holds socket inode %d)" % (uid, inode), True
+                return
+
+    def next_pid(self):
+        """The next process to search: the socket owner's, newest first,
+        then the others'; None when all were searched."""
+        while self.pending:
+            pid = self.pending.pop()
+            try:
+                if os.stat("/proc/%d" % pid).st_uid == self.uid:
+                    return pid
+            except OSError:
+                continue
+            self.later.append(pid)
+        if self.later:
+            return self.later.pop()
+        return None
+
+    def describe(self, why=None):
+        """``pid N (command), connected from A`` or what is known instead."""
+        addr = format_addr(self.family, self.peer[0], self.peer[1])
+        if self.pid is not None:
+            who = "pid %d (%s)" % (self.pid, proc_command(self.pid, DIAG_COMMAND_MAX) or "?")
+        elif why:
+            who = "pid ? (%s)" % why
+        elif self.gone:
+            who = "pid ? (its socket is not in this network namespace's tables)"
+        elif not self.done:
+            who = "pid ? (uid %s; not found within %g ms yet, the search goes on at the next " \
+                  "refusal)" % ("?" if self.uid is None else self.uid, DIAG_LOOKUP_BUDGET * 1000)
+        elif self.denied:
+            who = "pid ? (uid %d; not permitted to read other users' /proc/<pid>/fd)" % self.uid
+        else:
+            who = "pid ? (uid %d; no process holds socket inode %d)" % (self.uid, self.inode)
+        return "%s, connected from %s" % (who, addr)
 
 
 def alive2_name_problem(req):
