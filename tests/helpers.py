@@ -394,13 +394,20 @@ def erl_node(name, epmd_port, home, code="timer:sleep(infinity).", hidden=False)
                             stderr=subprocess.STDOUT)
 
 
-def port_please_latencies(port, name, count):
+def port_please_latencies(port, name, count, rate=None):
     """Time *count* PORT_PLEASE2_REQ round trips for *name* (bytes), each on
-    a new connection as nodes make them: connect, send, read to EOF.
-    Returns the durations in seconds; asserts every answer is a PORT2_RESP."""
+    a new connection as nodes make them: connect, send, read to EOF; at most
+    *rate* a second if given (paced, so that the samples spread over
+    count/rate seconds).  Returns the durations in seconds; asserts every
+    answer is a PORT2_RESP."""
     payload = frame(b"z" + name)
     out = []
-    for _ in range(count):
+    start = time.monotonic()
+    for i in range(count):
+        if rate:
+            wait = start + i / rate - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
         t0 = time.perf_counter()
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             s.sendall(payload)
@@ -460,18 +467,20 @@ def flood_process(port, rate, duration, names=10, fresh=False):
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
 
 
-def measure_refusal_latency(port, name, count, rate=100.0, settle=0.5, fresh=False):
-    """PORT_PLEASE2 latency for *name* on the epmd at *port*, first without
-    refusals, then while flood_process refuses duplicate registrations at
-    *rate* per second (*fresh*: see refusal_flood).  Returns (quiet summary, flooded summary, the flood's
+def measure_refusal_latency(port, name, count, rate=100.0, settle=0.5, fresh=False,
+                            lookup_rate=1000.0):
+    """PORT_PLEASE2 latency for *name* on the epmd at *port* (*count*
+    lookups paced at *lookup_rate* a second), first without refusals, then
+    while flood_process refuses duplicate registrations at *rate* per second
+    (*fresh*: see refusal_flood).  Returns (quiet summary, flooded summary, the flood's
     pid); the daemon's log tells how many refusals there were."""
-    quiet = latency_summary(port_please_latencies(port, name, count))
+    quiet = latency_summary(port_please_latencies(port, name, count, lookup_rate))
     # long enough for the measurement; the flood ends on its own
-    flood = flood_process(port, rate, duration=max(5.0, count * 0.002 + 10), names=10,
+    flood = flood_process(port, rate, duration=count / lookup_rate * 2 + 10, names=10,
                           fresh=fresh)
     try:
         time.sleep(settle)
-        flooded = latency_summary(port_please_latencies(port, name, count))
+        flooded = latency_summary(port_please_latencies(port, name, count, lookup_rate))
     finally:
         flood.terminate()
         out, _ = flood.communicate(30)

@@ -4,7 +4,8 @@
 epmd.py logs, after each refused ALIVE2_REQ, who holds the name (D20); the
 look-up runs in the daemon's single loop.  This measures what it costs
 everyone else: PORT_PLEASE2 round trips (a new connection each, as nodes
-make them) against a fresh epmd.py, first on a quiet daemon, then while
+make them, 1,000 a second) against a fresh epmd.py, first on a quiet
+daemon, then while
 another process sends duplicate ALIVE2_REQs for 10 names it holds, at
 --rate per second: once with the same 10 registrations throughout (the
 daemon looks each holder up once, then remembers it), once registering each
@@ -12,7 +13,7 @@ name afresh just before its duplicate (every refusal wants a look-up; the
 rate limit allows 4 a second).  Standard library only; prints the
 summaries in µs.
 
-    python3 tests/refusal_latency.py [--count 3000] [--rate 100]
+    python3 tests/refusal_latency.py [--count 5000] [--rate 100]
 """
 
 import argparse
@@ -27,7 +28,7 @@ from helpers import Daemon, base_env, free_port, measure_refusal_latency, regist
 
 def main(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--count", type=int, default=3000, help="round trips per phase")
+    ap.add_argument("--count", type=int, default=5000, help="round trips per phase")
     ap.add_argument("--rate", type=float, default=100.0, help="refusals per second")
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:

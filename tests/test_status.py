@@ -386,7 +386,8 @@ def test_refusals_do_not_slow_lookups(start_ours):
     d = start_ours()
     s, _ = register(d.port, "target", port=40999)
     try:
-        quiet, flooded, flood_pid = measure_refusal_latency(d.port, b"target", 1500, fresh=True)
+        quiet, flooded, flood_pid = measure_refusal_latency(d.port, b"target", 1500, fresh=True,
+                                                             lookup_rate=500.0)
     finally:
         s.close()
     print("\nFIGURE PORT_PLEASE2 µs without refusals: %s" % quiet)
