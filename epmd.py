@@ -73,8 +73,8 @@ Debug levels (-d given N times), as OTP's epmd:
 In the foreground every line goes to stderr as ``epmd: <ctime>: <msg>\\r\\n``;
 with -daemon, level-gated messages go to syslog and the hexdumps are dropped.
 
-Where this file deliberately differs from OTP's daemon (D1-D13, listed in
-README.md and epmd(1)), the code says so with a "D<n>" comment.
+Where this file deliberately differs from OTP's daemon (D1-D13, D20-D22,
+listed in README.md and epmd(1)), the code says so with a "D<n>" comment.
 """
 
 import errno
@@ -1678,43 +1678,28 @@ def sock_diag_find(family, src, dst):
     return INET_DIAG_MSG_UID_INODE.unpack_from(data, offset)
 
 
-def socket_pids(inodes, uid=None, deadline=None, first=False):
+def socket_pids(inodes):
     """Find the processes holding the sockets *inodes* (from /proc/net/tcp
-    or sock_diag_find).  Returns (pids, complete, denied): pids maps each
-    inode found to the sorted list of process ids whose /proc/<pid>/fd
-    links to ``socket:[inode]``; *complete* is False when the scan stopped
-    at *deadline* (a time.monotonic() value) or, with *first*, at the
-    first find; *denied* counts processes whose descriptors this process may
-    not read (an unprivileged user sees only its own).  Processes owned by
-    *uid* (the socket's owner) are looked at first.  This process is left
-    out.  Never raises OSError.
+    or sock_diag_find).  Returns (pids, denied): pids maps each inode found
+    to the sorted list of process ids whose /proc/<pid>/fd links to
+    ``socket:[inode]``; *denied* counts processes whose descriptors this
+    process may not read (an unprivileged user sees only its own).  This
+    process is left out.  Never raises OSError.  (The daemon searches with
+    HolderScan instead, which stops at a deadline and resumes.)
     """
     targets = {SOCKET_LINK % i: i for i in inodes if i}
     pids = {}
     denied = 0
     if not targets:
-        return pids, True, denied
+        return pids, denied
     try:
-        entries = [int(d) for d in os.listdir("/proc") if d.isdigit()]
+        entries = sorted(int(d) for d in os.listdir("/proc") if d.isdigit())
     except OSError:
-        return pids, False, denied
+        return pids, denied
     me = os.getpid()
-    if uid is not None:
-        mine, others = [], []
-        for i, pid in enumerate(entries):
-            if deadline is not None and time.monotonic() > deadline:
-                others.extend(entries[i:])      # no time to sort the rest
-                break
-            try:
-                (mine if os.stat("/proc/%d" % pid).st_uid == uid else others).append(pid)
-            except OSError:
-                continue
-        entries = mine + others
     for pid in entries:
         if pid == me:
             continue
-        if deadline is not None and time.monotonic() > deadline:
-            return pids, False, denied
         fd_dir = "/proc/%d/fd" % pid
         try:
             fds = os.listdir(fd_dir)
@@ -1725,19 +1710,12 @@ def socket_pids(inodes, uid=None, deadline=None, first=False):
             continue
         for fd in fds:
             try:
-                link = os.readlink("%s/%s" % (fd_dir, fd))
+                inode = targets.get(os.readlink("%s/%s" % (fd_dir, fd)))
             except OSError:
                 continue
-            inode = targets.get(link)
-            if inode is not None:
-                found = pids.setdefault(inode, [])
-                if pid not in found:
-                    found.append(pid)
-                if first:
-                    return pids, False, denied
-    for found in pids.values():
-        found.sort()
-    return pids, True, denied
+            if inode is not None and pid not in pids.setdefault(inode, []):
+                pids[inode].append(pid)
+    return pids, denied
 
 
 def proc_command(pid, limit=None):
@@ -2115,8 +2093,11 @@ def epmd_status(port):
                     null), pids and command of the processes listening on
                     the distribution port, connect ("accepts", "refused",
                     "timed out", ...), accepts (bool)
+        pids_hidden whether some processes' descriptors were not readable
+                    (not root), so a PID shown as unknown may exist (bool)
     """
-    status = {"port": port, "running": False, "error": None, "listeners": [], "names": []}
+    status = {"port": port, "running": False, "error": None, "listeners": [], "names": [],
+              "pids_hidden": False}
     answer = _ask(port, bytes((NAMES_REQ,)))
     if answer is None:
         status["error"] = "nothing accepts connections on ::1 or 127.0.0.1"
@@ -2127,7 +2108,8 @@ def epmd_status(port):
     names = parse_names_reply(answer[NAMES_HEADER_LEN:]) if status["running"] else []
     wanted = {port} | {p for _, p in names}
     listening = [e for e in iter_proc_tcp_sockets() if e[5] == TCP_LISTEN and e[2] in wanted]
-    pids, _, _ = socket_pids([e[7] for e in listening])
+    pids, denied = socket_pids([e[7] for e in listening])
+    status["pids_hidden"] = denied > 0
     for e in listening:
         if e[2] == port:
             p, cmd = _status_procs(pids, (e[7],))
@@ -2177,12 +2159,16 @@ def format_status(status):
         lines.append("listening sockets: ? (not in this network namespace's /proc/net/tcp)")
     if not status["names"]:
         lines.append("no names registered")
-        return lines
-    rows = [("NAME", "PORT", "TYPE", "PID", "CONNECT", "COMMAND")]
-    for n in status["names"]:
-        rows.append((n["name"], str(n["port"]), n["type"] or "?",
-                     ",".join(map(str, n["pids"])) or "?", n["connect"], _cut(n["command"])))
-    return lines + _table(rows)
+    else:
+        rows = [("NAME", "PORT", "TYPE", "PID", "CONNECT", "COMMAND")]
+        for n in status["names"]:
+            rows.append((n["name"], str(n["port"]), n["type"] or "?",
+                         ",".join(map(str, n["pids"])) or "?", n["connect"], _cut(n["command"])))
+        lines += _table(rows)
+    if status["pids_hidden"]:
+        lines.append("(other users' processes are not visible without privileges: run as root "
+                     "to see every PID)")
+    return lines
 
 
 def status_cli(port, as_json=False):

@@ -107,6 +107,7 @@ def test_status_real_nodes(start_ours, erl_nodes):
         assert rc == 0
         js = json.loads(jout)
         assert js["running"] is True and js["port"] == d.port and js["error"] is None
+        assert js["pids_hidden"] is False and "not visible" not in out
         assert {(ls["address"], ls["port"], tuple(ls["pids"])) for ls in js["listeners"]} >= {
             ("127.0.0.1", d.port, (d.pid,))}
         by_name = {n["name"]: n for n in js["names"]}
@@ -152,7 +153,8 @@ def test_status_no_daemon():
     rc, out, _ = status(port, "-json")
     assert rc == 1
     assert json.loads(out) == {"port": port, "running": False, "listeners": [], "names": [],
-                               "error": "nothing accepts connections on ::1 or 127.0.0.1"}
+                               "error": "nothing accepts connections on ::1 or 127.0.0.1",
+                               "pids_hidden": False}
 
 
 def test_status_against_otp_daemon(start_epmd, impl):
@@ -191,6 +193,10 @@ def test_status_unprivileged_client(start_ours):
         assert rc == 0 and err == "", err
         assert re.search(r"^127\.0\.0\.1:%d +\? " % d.port, out, re.M), out
         assert name_rows(out)["rootnode"][3:5] == ["?", "accepts"], out
+        assert out.endswith("(other users' processes are not visible without privileges: "
+                            "run as root to see every PID)\n"), out
+        rc, out, _ = status(d.port, "-json", preexec=nobody, python=python)
+        assert rc == 0 and json.loads(out)["pids_hidden"] is True
     finally:
         s.close()
         listener.close()
