@@ -1537,7 +1537,7 @@ class Epmd:
 
 
 # ---------------------------------------------------------------------------
-# Diagnostics: who holds a name, and -status (epmd.py only; D20, D21)
+# Diagnostics: who holds a name, and -status (epmd.py only; D20-D22)
 #
 # OTP's epmd says only "node name already occupied" and lists names and
 # ports.  Running on the same host as its nodes, epmd.py can say more, from

@@ -109,7 +109,7 @@ def test_status_real_nodes(start_ours, erl_nodes):
         assert js["running"] is True and js["port"] == d.port and js["error"] is None
         assert js["pids_hidden"] is False and "not visible" not in out
         assert {(ls["address"], ls["port"], tuple(ls["pids"])) for ls in js["listeners"]} >= {
-            ("127.0.0.1", d.port, (d.pid,))}
+            ("127.0.0.1", d.port, (d.pid,)), ("::1", d.port, (d.pid,))}   # /proc/net/tcp6 too
         by_name = {n["name"]: n for n in js["names"]}
         assert set(by_name) == set(rows)
         for name, row in rows.items():
