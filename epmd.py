@@ -56,8 +56,8 @@ Sections, in the order of epmd_srv.c:
                                do_request and one do_*_req method per request,
                                reply, do_write
     diagnostics                proc_tcp_sockets, sock_diag_find, socket_pids,
-                               Diagnostics (the refusal lines, D20/D21),
-                               epmd_status and status_cli (-status, D22)
+                               Diagnostics (the refusal lines, D25/D26),
+                               epmd_status and status_cli (-status, D27)
     client commands            epmd_call (-names, -dump, -started),
                                kill_epmd (-kill), stop_cli (-stop)
     command line               usage, parse_args, run_daemon, main
@@ -73,7 +73,7 @@ Debug levels (-d given N times), as OTP's epmd:
 In the foreground every line goes to stderr as ``epmd: <ctime>: <msg>\\r\\n``;
 with -daemon, level-gated messages go to syslog and the hexdumps are dropped.
 
-Where this file deliberately differs from OTP's daemon (D1-D13, D20-D22,
+Where this file deliberately differs from OTP's daemon (D1-D13, D25-D27,
 listed in README.md and epmd(1)), the code says so with a "D<n>" comment.
 """
 
@@ -455,8 +455,8 @@ class Node:
         self.extra = b""
         self.conn = None
         self.resp = None            # its PORT2_RESP, made on the first lookup
-        self.since = 0.0            # Unix time of the registration (D20)
-        self.holder = None          # (conn, HolderScan): who holds it (D20)
+        self.since = 0.0            # Unix time of the registration (D25)
+        self.holder = None          # (conn, HolderScan): who holds it (D25)
 
     @property
     def creation(self):
@@ -950,7 +950,7 @@ class Epmd:
         self.spare_fd = -1          # D2: kept open to shed connections on EMFILE
         self.paused_until = 0.0     # D2: listeners rest until this monotonic time
         self.last_tick = 0
-        self.diag = Diagnostics(self.log)   # D20, D21: refusals say who and why
+        self.diag = Diagnostics(self.log)   # D25, D26: refusals say who and why
 
     # -- start-up ---------------------------------------------------------
 
@@ -1324,7 +1324,7 @@ class Epmd:
         if conn.local_peer:
             return False
         self.log.dbg_printf(0, "%s from non local address", what)
-        self.diag.remote_refused(conn, what)     # D21
+        self.diag.remote_refused(conn, what)     # D26
         return True
 
     def do_alive2_req(self, conn, payload):
@@ -1343,11 +1343,11 @@ class Epmd:
             req = parse_alive2_req(payload)
         except PacketError as e:
             log.dbg_printf(0, "%s", e)
-            self.diag.alive2_malformed(conn, payload, e)    # D20
+            self.diag.alive2_malformed(conn, payload, e)    # D25
             return
         node = self.nodes.node_reg2(req, conn)
         if node is None:
-            self.diag.alive2_refused(conn, req, self.nodes)  # D20: who holds it, or why
+            self.diag.alive2_refused(conn, req, self.nodes)  # D25: who holds it, or why
             resp = pack_alive2_resp(RESULT_ERROR, ALIVE2_ERROR_CREATION, req.highvsn)
         else:
             resp = pack_alive2_resp(RESULT_OK, node.creation, req.highvsn)
@@ -1537,7 +1537,7 @@ class Epmd:
 
 
 # ---------------------------------------------------------------------------
-# Diagnostics: who holds a name, and -status (epmd.py only; D20-D22)
+# Diagnostics: who holds a name, and -status (epmd.py only; D25-D27)
 #
 # OTP's epmd says only "node name already occupied" and lists names and
 # ports.  Running on the same host as its nodes, epmd.py can say more, from
@@ -1747,7 +1747,7 @@ def sock_addrs(sock):
 
 class Diagnostics:
     """The extra level-0 lines the daemon logs after OTP's line for a
-    refused ALIVE2_REQ or a request refused to a remote peer (D20, D21):
+    refused ALIVE2_REQ or a request refused to a remote peer (D25, D26):
 
         refused ALIVE2_REQ from <peer>: <why>
 
@@ -1804,17 +1804,17 @@ class Diagnostics:
         self.log.dbg_printf(0, "refused %s from %s: %s", what, self.peer_text(conn), why)
 
     def remote_refused(self, conn, what):
-        """D21: the line after OTP's ``<what> from non local address``."""
+        """D26: the line after OTP's ``<what> from non local address``."""
         self.refused(conn, what, lambda: "only peers on this host may send it "
                                          "(loopback, or this host's own address)")
 
     def alive2_malformed(self, conn, payload, err):
-        """D20: the line after OTP's line for an ALIVE2_REQ whose packet is
+        """D25: the line after OTP's line for an ALIVE2_REQ whose packet is
         malformed (parse_alive2_req raised *err*)."""
         self.refused(conn, "ALIVE2_REQ", lambda: alive2_packet_problem(payload) or str(err))
 
     def alive2_refused(self, conn, req, table):
-        """D20: the line after OTP's line for an ALIVE2_REQ that node_reg2
+        """D25: the line after OTP's line for an ALIVE2_REQ that node_reg2
         refused: the name already registered (who holds it, since when) or
         what is wrong with the name or extra."""
         self.refused(conn, "ALIVE2_REQ", self.alive2_why, req, table)

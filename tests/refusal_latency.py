@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """PORT_PLEASE2 latency while duplicate registrations are refused at 100/s.
 
-epmd.py logs, after each refused ALIVE2_REQ, who holds the name (D20); the
+epmd.py logs, after each refused ALIVE2_REQ, who holds the name (D25); the
 look-up runs in the daemon's single loop.  This measures what it costs
 everyone else: PORT_PLEASE2 round trips (a new connection each, as nodes
 make them, 1,000 a second) against a fresh epmd.py, first on a quiet

@@ -1,5 +1,5 @@
 """Diagnostics (epmd.py only): `-status [-json]` and the lines that follow a
-refused registration (D20, D21, D22).
+refused registration (D25, D26, D27).
 
 Real peers throughout: real `erl` nodes registering with ERL_EPMD_PORT and
 ``-start_epmd false``, raw registrations from this test process (which then
@@ -328,7 +328,7 @@ def netns():
 
 def test_remote_registration_refusal_names_peer(start_epmd, impl, netns):
     """A registration from another host: OTP's "ALIVE2_REQ from non local
-    address" line, then (epmd.py, D21) one with the peer's address."""
+    address" line, then (epmd.py, D26) one with the peer's address."""
     d = start_epmd("-address", netns.host4, loopback=False)
     assert netns.request(netns.host4, d.port, alive2("far")) == b""
     assert wait_until(lambda: "ALIVE2_REQ from non local address" in d.stderr(), 5)
