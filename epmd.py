@@ -57,8 +57,9 @@ C sources carry its name (epmd_srv.c unless said):
                                accept, conn_local_peer_check
     listening sockets          ListenAddress, parse_addresses,
                                open_listen_sockets (the part of run before
-                               the loop), check_port_holders (who holds a
-                               port in use), systemd_listen_sockets,
+                               the loop), iter_proc_tcp_sockets (the
+                               /proc/net/tcp{,6} reader), check_port_holders
+                               (who holds a port in use), systemd_listen_sockets,
                                systemd_port, sd_notify
     hand-over                  re-exec on SIGUSR2 (D16): pack_state,
                                unpack_state, take_handover; FdStore (systemd's
@@ -70,6 +71,9 @@ C sources carry its name (epmd_srv.c unless said):
                                do_request and one do_*_req method per
                                request, reply, do_write, epmd_cleanup_exit
                                (epmd.c); its class docstring indexes them
+    diagnostics                sock_diag_find, socket_pids,
+                               Diagnostics (the refusal lines, D25/D26),
+                               epmd_status and status_cli (-status, D27)
     client commands            conn_to_epmd, read_fill, epmd_call (-names,
                                -dump, -started), kill_epmd (-kill), stop_cli
                                (-stop), all of epmd_cli.c
@@ -471,10 +475,12 @@ class Node:
     when unregistered), port, node type, protocol, highest and lowest
     version, name and extra (bytes, <= MAXSYMLEN each), cr_counter (u32).
     ``conn`` is the Connection holding the registration, or None.
+    ``since`` is when it registered (Unix time, seconds) and ``holder`` the
+    (conn, HolderScan) of the search for who holds it (Diagnostics).
     """
 
     __slots__ = ("name", "fd", "port", "nodetype", "protocol", "highvsn", "lowvsn",
-                 "extra", "cr_counter", "conn", "resp")
+                 "extra", "cr_counter", "conn", "resp", "since", "holder")
 
     def __init__(self, name, cr_counter):
         self.name = name
@@ -488,6 +494,8 @@ class Node:
         self.extra = b""
         self.conn = None
         self.resp = None            # its PORT2_RESP, made on the first lookup
+        self.since = 0.0            # Unix time of the registration (D25)
+        self.holder = None          # (conn, HolderScan): who holds it (D25)
 
     @property
     def creation(self):
@@ -573,6 +581,7 @@ class NodeTable:
         node.lowvsn = req.lowvsn
         node.extra = req.extra
         node.resp = None
+        node.since = self.clock()
         self.reg[name] = node
         self.serial += 1
         self.names = None
@@ -979,46 +988,79 @@ def open_listen_sockets(addresses, port, log):
 # -- who holds the port (D18) -------------------------------------------------
 
 PROC_NET_TCP = {socket.AF_INET: "/proc/net/tcp", socket.AF_INET6: "/proc/net/tcp6"}
-TCP_LISTEN = "0A"                   # st column of /proc/net/tcp: LISTEN
+TCP_LISTEN = 0x0A                   # the "st" column of a listening socket
+TCP_ESTABLISHED = 0x01
+PROC_TCP_FIELDS = 10                # sl local rem st tx:rx tr:tm retrnsmt uid timeout inode
+SOCKET_LINK = "socket:[%d]"         # readlink of /proc/<pid>/fd/<n> for a socket
+IN4_WORD = struct.Struct("=I")      # /proc/net/tcp prints addresses as host-order words
 PROBE_TIMEOUT = 2.0                 # seconds a holder has to show up and answer NAMES_REQ
 MAX_PROBE_REPLY = 1 << 22           # bytes of a NAMES reply read while probing
 PROBE_RETRY = 0.05                  # seconds between looks for a listening holder
 
 
-def proc_net_listeners(port, table_of=PROC_NET_TCP):
-    """Return the TCP sockets listening on *port* in this network namespace,
-    from /proc/net/tcp and /proc/net/tcp6, as (family, address, uid, inode)
-    tuples; None when neither table can be read (other systems, or /proc
-    hidden).  A socket bound but not listening is not in these tables.
+def _proc_addr(family, hexaddr):
+    """Decode an address of /proc/net/tcp{,6}: 8 or 32 hex digits, one group
+    of 8 per 32-bit word, each word printed in host byte order."""
+    words = [int(hexaddr[i:i + 8], 16) for i in range(0, len(hexaddr), 8)]
+    return socket.inet_ntop(family, b"".join(IN4_WORD.pack(w) for w in words))
 
-    Each line holds ``local_address`` as hex ``ADDR:PORT`` (the address in
-    32-bit words of host byte order), ``st`` (hex state, 4th column),
-    ``uid`` (8th) and ``inode`` (10th).
+
+def iter_proc_tcp_sockets(families=(socket.AF_INET, socket.AF_INET6)):
+    """Yield the TCP sockets of this network namespace, as Linux lists them
+    in /proc/net/tcp and /proc/net/tcp6, one tuple per socket:
+
+        (family, local address, local port, remote address, remote port,
+         state, uid, inode)
+
+    Addresses are text (``127.0.0.1``, ``::1``); *state* is the kernel's TCP
+    state number (TCP_LISTEN = 0x0A, TCP_ESTABLISHED = 1); *uid* the owner
+    of the socket; *inode* the number that /proc/<pid>/fd links name as
+    ``socket:[inode]`` (0 for sockets no process holds, e.g. TIME_WAIT).  A
+    file that is missing or unreadable yields nothing (never an error).
+    Lines are read as they come, so a caller may stop at any time.
+    Source: the Linux kernel, net/ipv4/tcp_ipv4.c (get_tcp4_sock) and
+    net/ipv6/tcp_ipv6.c (get_tcp6_sock).
     """
-    found = []
-    readable = False
-    for family, path in table_of.items():
+    for family in families:
         try:
-            with open(path) as f:
-                lines = f.read().splitlines()[1:]
-        except OSError:
+            f = open(PROC_NET_TCP[family], "r", encoding="ascii", errors="replace")
+        except (OSError, KeyError):
             continue
-        readable = True
-        for line in lines:
-            parts = line.split()
-            if len(parts) < 10 or parts[3] != TCP_LISTEN:
-                continue
-            hexaddr, _, hexport = parts[1].partition(":")
+        with f:
             try:
-                if int(hexport, 16) != port:
-                    continue
-                raw = bytes.fromhex(hexaddr)
-                words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-                addr = socket.inet_ntop(family, words)
-                found.append((family, addr, int(parts[7]), int(parts[9])))
-            except (ValueError, OSError):
+                next(f)                 # the header line
+                for line in f:
+                    fields = line.split()
+                    if len(fields) < PROC_TCP_FIELDS:
+                        continue
+                    try:
+                        laddr, lport = fields[1].split(":")
+                        raddr, rport = fields[2].split(":")
+                        yield (family, _proc_addr(family, laddr), int(lport, 16),
+                               _proc_addr(family, raddr), int(rport, 16), int(fields[3], 16),
+                               int(fields[7]), int(fields[9]))
+                    except (ValueError, OSError):
+                        continue
+            except (OSError, StopIteration):
                 continue
-    return found if readable else None
+
+
+def proc_tcp_sockets(families=(socket.AF_INET, socket.AF_INET6)):
+    """Return the list of iter_proc_tcp_sockets(*families*)."""
+    return list(iter_proc_tcp_sockets(families))
+
+
+def proc_net_listeners(port):
+    """Return the TCP sockets listening on *port* in this network namespace,
+    as (family, address, uid, inode) tuples, from iter_proc_tcp_sockets;
+    None when neither /proc/net/tcp nor /proc/net/tcp6 can be read (other
+    systems, or /proc hidden).  A socket bound but not listening is not in
+    these tables."""
+    if not any(os.access(path, os.R_OK) for path in PROC_NET_TCP.values()):
+        return None
+    return [(family, laddr, uid, inode)
+            for family, laddr, lport, _, _, state, uid, inode in iter_proc_tcp_sockets()
+            if state == TCP_LISTEN and lport == port]
 
 
 def _v4_of(family, addr):
@@ -1260,7 +1302,8 @@ def sd_notify(state, environ=os.environ):
 #    "nodes": [NODE, ...] (registration order), "unreg": [NODE, ...] (oldest
 #    first), "fdstore": {...} or null}
 #   NODE: {"name", "fd", "port", "nodetype", "protocol", "highvsn", "lowvsn",
-#          "extra", "cr_counter"}; bytes (names, extras, buffers) as base64.
+#          "extra", "cr_counter", "since"}; bytes (names, extras, buffers) as
+#          base64; since (Unix time of the registration) a number.
 # $EPMD_PY_HANDOVER: "<version> state=<fd> listen=<fd>,... conns=<fd>,...",
 # so that even a new image that cannot read the state knows which of its
 # descriptors are listeners (kept) and which are connections (closed).
@@ -1305,6 +1348,7 @@ def node_record(node):
     rec = {k: getattr(node, k) for k in HANDOVER_NODE_INTS}
     rec["name"] = _b64(node.name)
     rec["extra"] = _b64(node.extra)
+    rec["since"] = node.since
     return rec
 
 
@@ -1319,7 +1363,8 @@ def node_from_record(rec):
                 raise HandoverError("node field %s is not an integer" % k)
             setattr(node, k, value)
         node.extra = _unb64(rec["extra"])
-    except (KeyError, TypeError) as e:
+        node.since = float(rec.get("since", 0.0))
+    except (KeyError, TypeError, ValueError) as e:
         raise HandoverError("bad node record: %r" % e) from None
     return node
 
@@ -1966,6 +2011,7 @@ class Epmd(Handover):
         self.wakeup = None          # hand-over: the signal wake-up socket pair
         self.handover = None        # hand-over: what the previous image passed
         self.fdstore = None         # hand-over: systemd's fd store (FdStore), if used
+        self.diag = Diagnostics(self.log)   # D25, D26: refusals say who and why
 
     # -- start-up ---------------------------------------------------------
 
@@ -2399,6 +2445,7 @@ class Epmd(Handover):
         if conn.local_peer:
             return False
         self.log.dbg_printf(0, "%s from non local address", what)
+        self.diag.remote_refused(conn, what)     # D26
         return True
 
     def do_alive2_req(self, conn, payload):
@@ -2417,9 +2464,11 @@ class Epmd(Handover):
             req = parse_alive2_req(payload)
         except PacketError as e:
             log.dbg_printf(0, "%s", e)
+            self.diag.alive2_malformed(conn, payload, e)    # D25
             return
         node = self.nodes.node_reg2(req, conn)
         if node is None:
+            self.diag.alive2_refused(conn, req, self.nodes)  # D25: who holds it, or why
             resp = pack_alive2_resp(RESULT_ERROR, ALIVE2_ERROR_CREATION, req.highvsn)
         else:
             resp = pack_alive2_resp(RESULT_OK, node.creation, req.highvsn)
@@ -2605,6 +2654,596 @@ class Epmd(Handover):
 
 
 # ---------------------------------------------------------------------------
+# Diagnostics: who holds a name, and -status (epmd.py only; D25-D27)
+#
+# OTP's epmd says only "node name already occupied" and lists names and
+# ports.  Running on the same host as its nodes, epmd.py can say more, from
+# what Linux shows every process: /proc/net/tcp and /proc/net/tcp6 (the TCP
+# sockets, with owner uid and inode), /proc/<pid>/fd (which process holds
+# which socket inode), /proc/<pid>/cmdline, and the kernel's sock_diag
+# netlink interface (one socket looked up by its addresses, without reading
+# the whole table).  Nothing here changes a byte on the wire or of OTP's
+# output: the daemon adds log lines after OTP's refusals, and -status is a
+# client action of its own.  Where /proc is missing or not readable the
+# answer is "?", never an error.
+# ---------------------------------------------------------------------------
+
+# sock_diag (linux/netlink.h, linux/sock_diag.h, linux/inet_diag.h)
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST = 1
+NLMSG_ERROR = 2
+NLMSG_HDR = struct.Struct("=IHHII")             # len type flags seq pid
+INET_DIAG_REQ_V2 = struct.Struct("=BBBxI")      # family protocol ext pad states
+INET_DIAG_SOCKID = struct.Struct(">HH16s16s")   # sport dport src dst (network order)
+INET_DIAG_SOCKID_TAIL = struct.Struct("=III")   # if, cookie[2] (host order)
+INET_DIAG_NOCOOKIE = 0xFFFFFFFF
+INET_DIAG_MSG_UID_INODE = struct.Struct("=II")  # uid inode, at offset 64 of inet_diag_msg
+INET_DIAG_MSG_UID_OFFSET = 4 + INET_DIAG_SOCKID.size + INET_DIAG_SOCKID_TAIL.size + 12
+NETLINK_READ_SIZE = 8192
+
+# Limits of the daemon's look-up of who holds a name (it runs in the loop).
+DIAG_LOOKUP_BUDGET = 0.005          # seconds one look-up may take; then it logs what it has
+DIAG_LOOKUP_RATE = 4.0              # look-ups per second, on average ...
+DIAG_LOOKUP_BURST = 4               # ... and at most this many in a row
+DIAG_COMMAND_MAX = 200              # characters of a command line in a log line
+STATUS_COMMAND_MAX = 80             # ... in a -status column (-json has it whole)
+STATUS_CONNECT_TIMEOUT = 1.0        # seconds -status waits for a node's port to accept
+NODE_TYPES = {77: "normal", 72: "hidden"}
+
+
+def format_addr(family, addr, port):
+    """``1.2.3.4:P``, or ``[::1]:P`` for IPv6."""
+    return ("[%s]:%d" if family == socket.AF_INET6 else "%s:%d") % (addr, port)
+
+
+def sock_diag_find(family, src, dst):
+    """Look up one TCP socket by its addresses: *src* = (address, port) of
+    the socket itself, *dst* = (address, port) of its peer.  Returns (uid,
+    inode), or None when the kernel knows no such socket.
+
+    Asks the kernel's sock_diag netlink interface (SOCK_DIAG_BY_FAMILY,
+    inet_diag_req_v2 with the exact socket id, not a dump), which costs one
+    hash look-up whatever the number of sockets on the host; no privilege
+    is needed.  Request: nlmsghdr (u32 len, u16 type, u16 flags, u32 seq,
+    u32 pid), then u8 family, u8 protocol, u8 ext, pad, u32 states, then the
+    inet_diag_sockid: be16 sport, be16 dport, 16 bytes src, 16 bytes dst,
+    u32 interface, u32 cookie[2].  Reply: nlmsghdr, then inet_diag_msg
+    whose u32 uid and u32 inode are at offsets 64 and 68.  Raises OSError
+    where netlink or sock_diag is not available (not Linux, no module).
+    Source: linux/inet_diag.h; net/ipv4/inet_diag.c, inet_diag_find_one_icsk.
+    """
+    af_netlink = getattr(socket, "AF_NETLINK", None)
+    if af_netlink is None:
+        raise OSError(errno.EAFNOSUPPORT, "no netlink sockets here")
+    sid = INET_DIAG_SOCKID.pack(src[1], dst[1], socket.inet_pton(family, src[0]).ljust(16, b"\0"),
+                                socket.inet_pton(family, dst[0]).ljust(16, b"\0"))
+    body = (INET_DIAG_REQ_V2.pack(family, socket.IPPROTO_TCP, 0, 0xFFFFFFFF) + sid
+            + INET_DIAG_SOCKID_TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE))
+    msg = NLMSG_HDR.pack(NLMSG_HDR.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0) + body
+    with socket.socket(af_netlink, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as nl:
+        nl.settimeout(DIAG_LOOKUP_BUDGET)
+        nl.sendto(msg, (0, 0))
+        data = nl.recv(NETLINK_READ_SIZE)
+    if len(data) < NLMSG_HDR.size + 4:
+        return None
+    _, mtype, _, _, _ = NLMSG_HDR.unpack_from(data)
+    if mtype == NLMSG_ERROR:
+        return None                 # -ENOENT: no such socket
+    offset = NLMSG_HDR.size + INET_DIAG_MSG_UID_OFFSET
+    if mtype != SOCK_DIAG_BY_FAMILY or len(data) < offset + INET_DIAG_MSG_UID_INODE.size:
+        return None
+    return INET_DIAG_MSG_UID_INODE.unpack_from(data, offset)
+
+
+def socket_pids(inodes):
+    """Find the processes holding the sockets *inodes* (from /proc/net/tcp
+    or sock_diag_find).  Returns (pids, denied): pids maps each inode found
+    to the sorted list of process ids whose /proc/<pid>/fd links to
+    ``socket:[inode]``; *denied* counts processes whose descriptors this
+    process may not read (an unprivileged user sees only its own).  This
+    process is left out.  Never raises OSError.  (The daemon searches with
+    HolderScan instead, which stops at a deadline and resumes.)
+    """
+    targets = {SOCKET_LINK % i: i for i in inodes if i}
+    pids = {}
+    denied = 0
+    if not targets:
+        return pids, denied
+    try:
+        entries = sorted(int(d) for d in os.listdir("/proc") if d.isdigit())
+    except OSError:
+        return pids, denied
+    me = os.getpid()
+    for pid in entries:
+        if pid == me:
+            continue
+        fd_dir = "/proc/%d/fd" % pid
+        try:
+            fds = os.listdir(fd_dir)
+        except PermissionError:
+            denied += 1
+            continue
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                inode = targets.get(os.readlink("%s/%s" % (fd_dir, fd)))
+            except OSError:
+                continue
+            if inode is not None and pid not in pids.setdefault(inode, []):
+                pids[inode].append(pid)
+    return pids, denied
+
+
+def proc_command(pid, limit=None):
+    """The command line of process *pid* (arguments joined by spaces), at
+    most *limit* characters (``...`` marks a cut), or None if unreadable."""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            raw = f.read(limit * 4 + 4 if limit else -1)
+    except OSError:
+        return None
+    cmd = raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace")
+    if not cmd:
+        return None
+    if limit and len(cmd) > limit:
+        cmd = cmd[:limit - 3] + "..."
+    return cmd
+
+
+def sock_addrs(sock):
+    """(family, (peer address, port), (own address, port)) of a connected
+    TCP socket, IPv6 flow info dropped; raises OSError (for any other
+    socket too)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        raise OSError(errno.EAFNOSUPPORT, "not a TCP/IP socket")
+    peer = sock.getpeername()
+    own = sock.getsockname()
+    return sock.family, (peer[0], peer[1]), (own[0], own[1])
+
+
+class Diagnostics:
+    """The extra level-0 lines the daemon logs after OTP's line for a
+    refused ALIVE2_REQ or a request refused to a remote peer (D25, D26):
+
+        refused ALIVE2_REQ from <peer>: <why>
+
+    For a name already registered, *why* names the process holding it (the
+    peer of the registration connection: its pid and command), its address,
+    since when the name is registered (wall clock) and its distribution
+    port.  Finding the process runs in the daemon's single loop, so it is
+    bounded: one look-up takes at most DIAG_LOOKUP_BUDGET seconds (sock_diag
+    finds the socket's inode in one call; /proc/*/fd is then scanned, the
+    socket owner's processes first: HolderScan) and a token bucket allows
+    DIAG_LOOKUP_RATE look-ups per second (DIAG_LOOKUP_BURST in a row).  A
+    look-up cut short, or not made, logs what it has; a search cut short
+    resumes at the next refusal of the name.  The search is kept with the
+    Node, so once it is done further refusals of the same registration cost
+    no look-up.  *clock* is time.monotonic.
+    """
+
+    __slots__ = ("log", "tokens", "refilled", "clock")
+
+    def __init__(self, log, clock=time.monotonic):
+        self.log = log
+        self.clock = clock
+        self.tokens = float(DIAG_LOOKUP_BURST)
+        self.refilled = clock()
+
+    def take_token(self):
+        """True if the rate allows one more look-up now (and count it)."""
+        now = self.clock()
+        self.tokens = min(float(DIAG_LOOKUP_BURST),
+                          self.tokens + (now - self.refilled) * DIAG_LOOKUP_RATE)
+        self.refilled = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+    @staticmethod
+    def peer_text(conn):
+        """``address:port`` of the peer of *conn*, or ``?``."""
+        try:
+            family, peer, _ = sock_addrs(conn.sock)
+            return format_addr(family, peer[0], peer[1])
+        except (OSError, AttributeError):
+            return "?"
+
+    def refused(self, conn, what, explain, *args):
+        """Log ``refused <what> from <peer>: <explain(*args)>`` at level 0.
+        A diagnosis that fails says so: it never costs the request its
+        answer or the daemon its loop."""
+        try:
+            why = explain(*args)
+        except Exception as e:  # diagnostics only: never let them break a request
+            why = "(no diagnosis: %r)" % (e,)
+        self.log.dbg_printf(0, "refused %s from %s: %s", what, self.peer_text(conn), why)
+
+    def remote_refused(self, conn, what):
+        """D26: the line after OTP's ``<what> from non local address``."""
+        self.refused(conn, what, lambda: "only peers on this host may send it "
+                                         "(loopback, or this host's own address)")
+
+    def alive2_malformed(self, conn, payload, err):
+        """D25: the line after OTP's line for an ALIVE2_REQ whose packet is
+        malformed (parse_alive2_req raised *err*)."""
+        self.refused(conn, "ALIVE2_REQ", lambda: alive2_packet_problem(payload) or str(err))
+
+    def alive2_refused(self, conn, req, table):
+        """D25: the line after OTP's line for an ALIVE2_REQ that node_reg2
+        refused: the name already registered (who holds it, since when) or
+        what is wrong with the name or extra."""
+        self.refused(conn, "ALIVE2_REQ", self.alive2_why, req, table)
+
+    def alive2_why(self, req, table):
+        """The reason part of alive2_refused's line."""
+        holder = table.reg.get(req.name)
+        if holder is not None:
+            return 'name "%s" is %s' % (text(req.name), self.holder_text(holder))
+        return alive2_name_problem(req)
+
+    def holder_text(self, node):
+        """Describe who holds *node*'s registration, within the limits."""
+        since = node.since
+        age = max(0, int(time.time() - since))
+        when = "registered since %s (%d s ago), distribution port %d" % (
+            time.ctime(since), age, node.port)
+        conn = node.conn
+        cached = node.holder
+        if cached is None or cached[0] is not conn:
+            try:
+                family, peer, own = sock_addrs(conn.sock)
+            except (OSError, AttributeError):
+                return "held by a connection that is going away, %s" % when
+            cached = node.holder = (conn, HolderScan(family, peer, own))
+        scan = cached[1]
+        if not scan.done:
+            if not self.take_token():
+                return "held by %s, %s" % (scan.describe(
+                    "process not looked up: more than %g look-ups a second" % DIAG_LOOKUP_RATE),
+                    when)
+            scan.step(time.monotonic() + DIAG_LOOKUP_BUDGET)
+        return "held by %s, %s" % (scan.describe(), when)
+
+
+class HolderScan:
+    """The search for the process at the other end of a TCP connection to
+    this one (*peer* and *own*: its (address, port) pairs), in steps that
+    each stop at a deadline and resume where the last one stopped, so that
+    a search needing more than DIAG_LOOKUP_BUDGET seconds completes over a
+    few refusals instead of stalling the loop.
+
+    The socket's uid and inode come from sock_diag_find (or /proc/net/tcp
+    where sock_diag is missing); then /proc/<pid>/fd of each process,
+    newest pid first, the socket owner's processes before the others, is
+    searched for ``socket:[inode]``.  ``done`` once the answer is final.
+    """
+
+    __slots__ = ("family", "peer", "own", "uid", "inode", "pending", "later", "current",
+                 "pid", "denied", "done", "gone")
+
+    def __init__(self, family, peer, own):
+        self.family = family
+        self.peer = peer
+        self.own = own
+        self.uid = None
+        self.inode = None
+        self.pending = None         # pids not looked at yet (ascending; popped from the end)
+        self.later = []             # pids of other owners, for after the pending ones
+        self.current = None         # (pid, its fd names, next index) of a process cut short
+        self.pid = None
+        self.denied = 0
+        self.done = False
+        self.gone = False           # the socket is not in this namespace's tables
+
+    def find_socket(self, deadline):
+        """Set uid and inode of the peer's socket; False if not found."""
+        try:
+            found = sock_diag_find(self.family, self.peer, self.own)
+        except OSError:
+            found = None
+            for entry in iter_proc_tcp_sockets((self.family,)):
+                if entry[1:5] == (self.peer[0], self.peer[1], self.own[0], self.own[1]):
+                    found = entry[6], entry[7]
+                    break
+                if time.monotonic() > deadline:
+                    return False
+        if found is None:
+            self.gone = self.done = True
+            return False
+        self.uid, self.inode = found
+        return True
+
+    def step(self, deadline):
+        """Search until done or *deadline* (a time.monotonic() value)."""
+        if self.inode is None and not self.find_socket(deadline):
+            return
+        if self.pending is None:
+            try:
+                self.pending = sorted(int(d) for d in os.listdir("/proc") if d.isdigit())
+            except OSError:
+                self.pending = []
+        link = SOCKET_LINK % self.inode
+        me = os.getpid()
+        while True:
+            if self.current is None:
+                pid = self.next_pid()
+                if pid is None:
+                    self.done = True
+                    return
+                if pid == me:
+                    continue
+                try:
+                    fds = os.listdir("/proc/%d/fd" % pid)
+                except PermissionError:
+                    self.denied += 1
+                    continue
+                except OSError:
+                    continue
+                self.current = (pid, fds, 0)
+            pid, fds, i = self.current
+            while i < len(fds):
+                if time.monotonic() > deadline:
+                    self.current = (pid, fds, i)
+                    return
+                try:
+                    if os.readlink("/proc/%d/fd/%s" % (pid, fds[i])) == link:
+                        self.pid = pid
+                        self.done = True
+                        return
+                except OSError:
+                    pass
+                i += 1
+            self.current = None
+            if time.monotonic() > deadline:
+                return
+
+    def next_pid(self):
+        """The next process to search: the socket owner's, newest first,
+        then the others'; None when all were searched."""
+        while self.pending:
+            pid = self.pending.pop()
+            try:
+                if os.stat("/proc/%d" % pid).st_uid == self.uid:
+                    return pid
+            except OSError:
+                continue
+            self.later.append(pid)
+        if self.later:
+            return self.later.pop()
+        return None
+
+    def describe(self, why=None):
+        """``pid N (command), connected from A`` or what is known instead."""
+        addr = format_addr(self.family, self.peer[0], self.peer[1])
+        if self.pid is not None:
+            who = "pid %d (%s)" % (self.pid, proc_command(self.pid, DIAG_COMMAND_MAX) or "?")
+        elif why:
+            who = "pid ? (%s)" % why
+        elif self.gone:
+            who = "pid ? (its socket is not in this network namespace's tables)"
+        elif not self.done:
+            who = "pid ? (uid %s; not found within %g ms yet, the search goes on at the next " \
+                  "refusal)" % ("?" if self.uid is None else self.uid, DIAG_LOOKUP_BUDGET * 1000)
+        elif self.denied:
+            who = "pid ? (uid %d; not permitted to read other users' /proc/<pid>/fd)" % self.uid
+        else:
+            who = "pid ? (uid %d; no process holds socket inode %d)" % (self.uid, self.inode)
+        return "%s, connected from %s" % (who, addr)
+
+
+def alive2_name_problem(req):
+    """What is wrong with the name (or extra) of an ALIVE2_REQ that
+    node_reg2 refused although the name is free, in node_reg2's order."""
+    name = req.name
+    if len(name) > MAXSYMLEN:
+        return "node name is %d bytes, at most %d are allowed" % (len(name), MAXSYMLEN)
+    try:
+        nchars = len(name.decode("utf-8", "strict"))
+    except UnicodeDecodeError as e:
+        return "node name is not UTF-8: byte %d (0x%02x) %s" % (e.start, name[e.start], e.reason)
+    if nchars > MAX_NAME_CHARS:
+        return "node name is %d characters, at most %d are allowed" % (nchars, MAX_NAME_CHARS)
+    if len(req.extra) > MAXSYMLEN:
+        return "extra is %d bytes, at most %d are allowed" % (len(req.extra), MAXSYMLEN)
+    if not name:
+        return "node name is empty"
+    return "name refused"
+
+
+def alive2_packet_problem(payload):
+    """What is wrong with an ALIVE2_REQ packet that parse_alive2_req
+    refused, more precisely than OTP's line, or None."""
+    size = len(payload)
+    if size <= ALIVE2_MIN_LEN:
+        return "the packet is %d bytes, an ALIVE2_REQ needs at least %d" % (
+            size, ALIVE2_MIN_LEN + 1)
+    nlen = U16.unpack_from(payload, ALIVE2_FIXED_LEN - 2)[0]
+    if nlen + ALIVE2_MIN_LEN > size:
+        return "the name length says %d bytes, the packet has room for %d" % (
+            nlen, size - ALIVE2_MIN_LEN)
+    name = bytes(payload[ALIVE2_FIXED_LEN:ALIVE2_FIXED_LEN + nlen])
+    elen = U16.unpack_from(payload, ALIVE2_FIXED_LEN + nlen)[0]
+    if elen + nlen + ALIVE2_MIN_LEN > size:
+        return "the extra length says %d bytes, the packet has room for %d" % (
+            elen, size - ALIVE2_MIN_LEN - nlen)
+    if b"\0" in name:
+        return "node name has a NUL byte at offset %d of %d" % (name.index(b"\0"), nlen)
+    return None
+
+
+# -- -status: the client side --------------------------------------------------
+
+
+def _status_procs(pids_by_inode, inodes):
+    """The sorted pids holding any of *inodes*, and the first one's command."""
+    pids = sorted({p for i in inodes for p in pids_by_inode.get(i, ())})
+    return pids, (proc_command(pids[0]) if pids else None)
+
+
+def port_accepts(port, timeout=STATUS_CONNECT_TIMEOUT):
+    """Try to connect to *port* on 127.0.0.1, then ::1; return "accepts",
+    or why not ("refused", "timed out", or the error's text)."""
+    why = "refused"
+    for family, addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.settimeout(timeout)
+                s.connect((addr, port))
+                return "accepts"
+        except socket.timeout:
+            why = "timed out"
+        except ConnectionRefusedError:
+            pass
+        except OSError as e:
+            if why == "refused":
+                why = e.strerror or str(e)
+    return why
+
+
+def _ask(port, payload):
+    """One request to the local epmd on *port*; the whole answer, or None
+    if it cannot be reached."""
+    sock = conn_to_epmd(port, silent=True)
+    if sock is None:
+        return None
+    with sock:
+        sock.settimeout(STATUS_CONNECT_TIMEOUT * 5)
+        try:
+            sock.sendall(U16.pack(len(payload)) + payload)
+            chunks = []
+            while True:
+                data = sock.recv(CLIENT_READ_SIZE)
+                if not data:
+                    break
+                chunks.append(data)
+        except OSError:
+            return None
+    return b"".join(chunks)
+
+
+def parse_names_reply(body):
+    """(name, port) pairs of the lines of a NAMES_REQ answer (after its u32)."""
+    out = []
+    for line in body.split(b"\n"):
+        if not line.startswith(b"name "):
+            continue
+        name, sep, port = line[5:].rpartition(b" at port ")
+        if sep and port.isdigit():
+            out.append((name, int(port)))
+    return out
+
+
+def epmd_status(port):
+    """Gather what -status shows, as the dict -status -json prints:
+
+        port        the port asked (int)
+        running     whether an epmd answered NAMES_REQ there (bool)
+        error       why not (str), or null
+        listeners   one object per listening socket on *port* in this
+                    network namespace: address, port, pids (list of int,
+                    empty when unknown), command (str or null)
+        names       one object per registered name, newest first: name,
+                    port (its distribution port), type ("normal", "hidden",
+                    or "type N"; null if it left meanwhile), nodetype (int or
+                    null), pids and command of the processes listening on
+                    the distribution port, connect ("accepts", "refused",
+                    "timed out", ...), accepts (bool)
+        pids_hidden whether some processes' descriptors were not readable
+                    (not root), so a PID shown as unknown may exist (bool)
+    """
+    status = {"port": port, "running": False, "error": None, "listeners": [], "names": [],
+              "pids_hidden": False}
+    answer = _ask(port, bytes((NAMES_REQ,)))
+    if answer is None:
+        status["error"] = "nothing accepts connections on ::1 or 127.0.0.1"
+    elif len(answer) < NAMES_HEADER_LEN:
+        status["error"] = "connected, but no answer to NAMES_REQ"
+    else:
+        status["running"] = True
+    names = parse_names_reply(answer[NAMES_HEADER_LEN:]) if status["running"] else []
+    wanted = {port} | {p for _, p in names}
+    listening = [e for e in iter_proc_tcp_sockets() if e[5] == TCP_LISTEN and e[2] in wanted]
+    pids, denied = socket_pids([e[7] for e in listening])
+    status["pids_hidden"] = denied > 0
+    for e in listening:
+        if e[2] == port:
+            p, cmd = _status_procs(pids, (e[7],))
+            status["listeners"].append({"address": e[1], "port": port, "pids": p,
+                                        "command": cmd, "family": "ipv6"
+                                        if e[0] == socket.AF_INET6 else "ipv4"})
+    for name, nport in names:
+        nodetype = None
+        resp = _ask(port, bytes((PORT_PLEASE2_REQ,)) + name)
+        if resp and len(resp) >= PORT2_RESP_FIXED.size and resp[1] == RESULT_OK:
+            nodetype = PORT2_RESP_FIXED.unpack_from(resp)[3]
+        p, cmd = _status_procs(pids, [e[7] for e in listening if e[2] == nport])
+        connect = port_accepts(nport)
+        status["names"].append({
+            "name": text(name), "port": nport, "nodetype": nodetype,
+            "type": None if nodetype is None else NODE_TYPES.get(nodetype, "type %d" % nodetype),
+            "pids": p, "command": cmd, "connect": connect, "accepts": connect == "accepts"})
+    return status
+
+
+def _cut(s, limit=STATUS_COMMAND_MAX):
+    if s is None:
+        return "?"
+    return s if len(s) <= limit else s[:limit - 3] + "..."
+
+
+def _table(rows):
+    """Rows of strings as lines of left-aligned columns (the last unpadded)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return ["  ".join([c.ljust(w) for c, w in zip(r, widths)] + [r[-1]]).rstrip() for r in rows]
+
+
+def format_status(status):
+    """The text -status prints for *status* (see epmd_status), as lines."""
+    port = status["port"]
+    if not status["running"]:
+        return ["epmd: not running on port %d: %s" % (port, status["error"])]
+    lines = ["epmd: up and running on port %d" % port]
+    rows = [("ADDRESS", "PID", "COMMAND")]
+    for ls in status["listeners"]:
+        rows.append((format_addr(socket.AF_INET6 if ls["family"] == "ipv6" else socket.AF_INET,
+                                 ls["address"], ls["port"]),
+                     ",".join(map(str, ls["pids"])) or "?", _cut(ls["command"])))
+    if len(rows) > 1:
+        lines += _table(rows)
+    else:
+        lines.append("listening sockets: ? (not in this network namespace's /proc/net/tcp)")
+    if not status["names"]:
+        lines.append("no names registered")
+    else:
+        rows = [("NAME", "PORT", "TYPE", "PID", "CONNECT", "COMMAND")]
+        for n in status["names"]:
+            rows.append((n["name"], str(n["port"]), n["type"] or "?",
+                         ",".join(map(str, n["pids"])) or "?", n["connect"], _cut(n["command"])))
+        lines += _table(rows)
+    if status["pids_hidden"]:
+        lines.append("(other users' processes are not visible without privileges: run as root "
+                     "to see every PID)")
+    return lines
+
+
+def status_cli(port, as_json=False):
+    """-status [-json]: print whether an epmd serves *port*, where it
+    listens, and each registered name with who listens on its port.
+    Exit status as -started: 0 when an epmd answers, 1 when not."""
+    status = epmd_status(port)
+    if as_json:
+        import json
+        out = json.dumps(status, sort_keys=True) + "\n"
+    else:
+        out = "".join(line + "\n" for line in format_status(status))
+    _out(out.encode("utf-8", "surrogateescape"))
+    return 0 if status["running"] else 1
+
+
+# ---------------------------------------------------------------------------
 # Client commands (OTP epmd_cli.c)
 # ---------------------------------------------------------------------------
 
@@ -2755,6 +3394,7 @@ USAGE = """\
 usage: epmd [-d|-debug] [DbgExtra...] [-address List]
             [-port No] [-daemon] [-relaxed_command_check] [-systemd]
        epmd [-d|-debug] [-port No] [-names|-dump|-started|-kill|-stop Name]
+       epmd [-port No] -status [-json]
        epmd -h|-help|--help|-version|--version
 
 epmd.py, the Erlang port mapper daemon; see epmd(1).
@@ -2801,6 +3441,13 @@ Client options (talk to the epmd on -port)
         it runs with -relaxed_command_check).
     -stop Name
         Unregister Name by force (only with -relaxed_command_check).
+    -status
+        Say whether an epmd serves the port, where it listens, and for
+        each name its port, node type, the process listening there and
+        whether the port accepts a connection.  Exit 0 if an epmd answers,
+        1 if not (epmd.py only).
+    -json
+        With -status: print one JSON object instead (epmd.py only).
 
 Other options
     -h, -help, --help
@@ -2828,6 +3475,8 @@ CLIENT_FLAGS = {
     "-started": ("started", False),
     "-kill": ("kill", False),
     "-stop": ("stop", True),
+    "-status": ("status", False),
+    "-json": ("json", False),
 }
 ALL_FLAGS = dict(DAEMON_FLAGS, **CLIENT_FLAGS)
 # D14: requests for help and the version, answered on stdout with exit 0
@@ -2906,9 +3555,9 @@ def parse_args(argv, environ):
 
     Returns a dict of options: port, address, debug, daemon, relaxed,
     systemd, packet_timeout, delay_accept, delay_write, and action (None,
-    "names", "dump", "started", "kill" or "stop") with stop_name (bytes).
-    A request for help or the version (INFO_FLAGS) returns at once with
-    action "help" or "version".
+    "names", "dump", "started", "kill", "stop" or "status") with stop_name
+    (bytes) and json (-json, for -status).  A request for help or the
+    version (INFO_FLAGS) returns at once with action "help" or "version".
     Environment first (ERL_EPMD_PORT, ERL_EPMD_ADDRESS,
     ERL_EPMD_RELAXED_COMMAND_CHECK), flags override it.  D11: client
     actions may stand anywhere.  Raises UsageError.
@@ -2919,6 +3568,7 @@ def parse_args(argv, environ):
         "daemon": False, "relaxed": "ERL_EPMD_RELAXED_COMMAND_CHECK" in environ,
         "systemd": False, "packet_timeout": CLOSE_TIMEOUT, "delay_accept": 0,
         "delay_write": 0, "action": None, "stop_name": None, "port_given": False,
+        "json": False,
     }
     env_port = environ.get("ERL_EPMD_PORT")
     i = 0
@@ -2947,11 +3597,12 @@ def parse_args(argv, environ):
             opts["address"] = value
         elif key in ("packet_timeout", "delay_accept", "delay_write"):
             opts[key] = parse_seconds(arg, value)
-        elif key in ("daemon", "relaxed", "systemd"):
+        elif key in ("daemon", "relaxed", "systemd", "json"):
             opts[key] = True
         else:
             if opts["action"] is not None:
-                raise UsageError("only one of -names, -dump, -started, -kill, -stop may be given")
+                raise UsageError("only one of -names, -dump, -started, -kill, -stop, -status "
+                                 "may be given")
             opts["action"] = key
             if key == "stop":
                 opts["stop_name"] = os.fsencode(value)
@@ -3179,6 +3830,8 @@ def main(argv=None):
         return 0
     set_process_name()
     port = opts["port"]
+    if opts["json"] and action != "status":
+        return usage("-json goes with -status only")
     if action == "names":
         return epmd_call(port, NAMES_REQ)
     if action == "dump":
@@ -3189,6 +3842,8 @@ def main(argv=None):
         return kill_epmd(port)
     if action == "stop":
         return stop_cli(port, opts["stop_name"])
+    if action == "status":
+        return status_cli(port, opts["json"])
     script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else None
     handover = None
     try:

@@ -827,3 +827,109 @@ class BareNS:
 
     def argv(self, *args):
         return ["ip", "netns", "exec", self.name] + [str(a) for a in args]
+
+
+# -- diagnostics: Erlang nodes, refusal floods, PORT_PLEASE2 latency -------------
+
+def erl_node(name, epmd_port, home, code="timer:sleep(infinity).", hidden=False):
+    """Start a real Erlang node ``-sname name`` registering with the epmd on
+    *epmd_port* (never starting one); return its Popen.  `erl` execs
+    beam.smp, so the Popen's pid is the node's."""
+    cmd = [ERL, "-sname", name, "-setcookie", "epmdpytest", "-start_epmd", "false",
+           "-noshell", "-noinput"] + (["-hidden"] if hidden else []) + ["-eval", code]
+    return subprocess.Popen(cmd, env=base_env(ERL_EPMD_PORT=str(epmd_port), HOME=str(home)),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+
+
+def port_please_latencies(port, name, count, rate=None):
+    """Time *count* PORT_PLEASE2_REQ round trips for *name* (bytes), each on
+    a new connection as nodes make them: connect, send, read to EOF; at most
+    *rate* a second if given (paced, so that the samples spread over
+    count/rate seconds).  Returns the durations in seconds; asserts every
+    answer is a PORT2_RESP."""
+    payload = frame(b"z" + name)
+    out = []
+    start = time.monotonic()
+    for i in range(count):
+        if rate:
+            wait = start + i / rate - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+        t0 = time.perf_counter()
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(payload)
+            reply = read_to_eof(s)
+        out.append(time.perf_counter() - t0)
+        assert reply[:2] == b"w\x00", reply
+    return out
+
+
+def latency_summary(samples):
+    """Median, 90th and 99th percentile and maximum of *samples* (seconds), in µs."""
+    s = sorted(samples)
+
+    def pct(p):
+        return s[min(len(s) - 1, int(p * len(s)))] * 1e6
+    return {"n": len(s), "p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "max": s[-1] * 1e6}
+
+
+def refusal_flood(port, rate, duration, names=10, fresh=False):
+    """Hold *names* registrations (flood0, flood1, ...) and send duplicate
+    ALIVE2_REQs for them round-robin at *rate* per second for *duration*
+    seconds, each on a new connection that the daemon refuses (result 1).
+    With *fresh*, the name's registration is dropped and made again just
+    before each duplicate, so the daemon has never looked up its holder.
+    Returns the number of refusals seen.  Meant to run in its own process
+    (flood_process) so the measuring client keeps the interpreter to itself."""
+    held = [register(port, "flood%d" % i, port=30000 + i)[0] for i in range(names)]
+    refused = 0
+    start = time.monotonic()
+    i = 0
+    while True:
+        due = start + i / rate
+        now = time.monotonic()
+        if now - start >= duration:
+            break
+        if due > now:
+            time.sleep(due - now)
+        if fresh:
+            held[i % names].close()
+            held[i % names] = register(port, "flood%d" % (i % names), port=30000 + i % names)[0]
+        s, reply = register(port, "flood%d" % (i % names), port=31000)
+        if reply[:2] == b"v\x01":
+            refused += 1
+        s.close()
+        i += 1
+    for s in held:
+        s.close()
+    return refused
+
+
+def flood_process(port, rate, duration, names=10, fresh=False):
+    """Run refusal_flood in a child process; return its Popen (stdout: the
+    number of refusals).  The registrations it holds name its pid."""
+    code = ("import sys; sys.path.insert(0, %r); import helpers; "
+            "print(helpers.refusal_flood(%d, %r, %r, %d, %r))"
+            % (str(Path(__file__).resolve().parent), port, rate, duration, names, fresh))
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+
+
+def measure_refusal_latency(port, name, count, rate=100.0, settle=0.5, fresh=False,
+                            lookup_rate=1000.0):
+    """PORT_PLEASE2 latency for *name* on the epmd at *port* (*count*
+    lookups paced at *lookup_rate* a second), first without refusals, then
+    while flood_process refuses duplicate registrations at *rate* per second
+    (*fresh*: see refusal_flood).  Returns (quiet summary, flooded summary, the flood's
+    pid); the daemon's log tells how many refusals there were."""
+    quiet = latency_summary(port_please_latencies(port, name, count, lookup_rate))
+    # long enough for the measurement; the flood ends on its own
+    flood = flood_process(port, rate, duration=count / lookup_rate * 2 + 10, names=10,
+                          fresh=fresh)
+    try:
+        time.sleep(settle)
+        flooded = latency_summary(port_please_latencies(port, name, count, lookup_rate))
+    finally:
+        flood.terminate()
+        out, _ = flood.communicate(30)
+    return quiet, flooded, flood.pid
