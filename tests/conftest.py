@@ -1,7 +1,11 @@
 """Fixtures: daemons of both implementations on free loopback ports."""
 
+import os
+import shutil
+import subprocess
+
 import pytest
-from helpers import OTP_EPMD, Daemon, base_env, free_port, need
+from helpers import OTP_EPMD, Daemon, NetNS, base_env, free_port, need
 
 
 @pytest.fixture(params=["py", "otp"])
@@ -57,3 +61,19 @@ def start_ours(tmp_path):
 def epmd(start_epmd):
     """A running daemon with default options (loopback only)."""
     return start_epmd()
+
+
+@pytest.fixture
+def netns():
+    """A network namespace joined to this host by a veth pair (helpers.NetNS):
+    a second host for tests of remote peers."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        need("root and `ip` to make a network namespace", "iproute2")
+    ns = NetNS()
+    try:
+        ns.create()
+    except (subprocess.SubprocessError, OSError) as e:
+        ns.destroy()
+        need("a network namespace (%s)" % getattr(e, "stderr", e), "iproute2")
+    yield ns
+    ns.destroy()

@@ -762,6 +762,32 @@ class SystemdStandIn:
         self._err.close()
 
 
+def listening_on(pid, port):
+    """The (address, port) pairs process *pid* listens on at *port*, sorted."""
+    return [pair for pair in listening_sockets(pid) if pair[1] == port]
+
+
+def find_pids(*needles):
+    """PIDs whose command line contains every string of *needles*."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % entry, "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if all(n.encode() in argv for n in needles):
+            pids.append(int(entry))
+    return pids
+
+
+def daemon_pids(port):
+    """PIDs of the epmd.py daemons started with -daemon on *port*."""
+    return find_pids(str(EPMD_PY), "-daemon", str(port))
+
+
 def listening_sockets(pid):
     """The (address, port) pairs process *pid* listens on, sorted, read from
     /proc/<pid>/net/tcp{,6} (so in the process's own network namespace) and

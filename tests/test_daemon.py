@@ -18,6 +18,7 @@ from helpers import (
     OTP_EPMD,
     base_env,
     connect,
+    find_pids,
     free_port,
     names,
     names_or_none,
@@ -30,22 +31,6 @@ from helpers import (
 )
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def find_pids(*needles):
-    """PIDs whose command line contains every string of *needles*."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/cmdline" % entry, "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if all(n.encode() in argv for n in needles):
-            pids.append(int(entry))
-    return pids
 
 
 def proc_status(pid):

@@ -25,6 +25,7 @@ from helpers import (
     base_env,
     connect,
     creation_of,
+    daemon_pids,
     dump,
     frame,
     free_port,
@@ -208,15 +209,22 @@ def copy_of_epmd(tmp_path):
     return path
 
 
-def test_new_file_that_does_not_compile_is_refused(start_ours, tmp_path):
-    """SIGUSR2 after the program file was replaced by one that does not
-    compile: logged, and the old image keeps serving with its nodes; once the
-    file is fixed, the next SIGUSR2 re-executes."""
+def start_copy(tmp_path):
+    """Start a copy of epmd.py (which a test may then break or mend) on a
+    free port; return (its path, the port, the Daemon)."""
     script = copy_of_epmd(tmp_path)
     port = free_port()
     d = Daemon("py", port, ["-port", str(port), "-address", "127.0.0.1"], base_env(), tmp_path)
     d.exe = [sys.executable, str(script)]
     d.start()
+    return script, port, d
+
+
+def test_new_file_that_does_not_compile_is_refused(start_ours, tmp_path):
+    """SIGUSR2 after the program file was replaced by one that does not
+    compile: logged, and the old image keeps serving with its nodes; once the
+    file is fixed, the next SIGUSR2 re-executes."""
+    script, port, d = start_copy(tmp_path)
     try:
         good = script.read_bytes()
         nodes = register_mixed(port, 4)
@@ -264,11 +272,7 @@ def test_unreadable_state_starts_with_listeners_only(tmp_path):
     with the listening sockets only: no connection is refused, the node
     connections are closed (the nodes register again, as after a restart),
     and the daemon serves."""
-    script = copy_of_epmd(tmp_path)
-    port = free_port()
-    d = Daemon("py", port, ["-port", str(port), "-address", "127.0.0.1"], base_env(), tmp_path)
-    d.exe = [sys.executable, str(script)]
-    d.start()
+    script, port, d = start_copy(tmp_path)
     try:
         nodes = register_mixed(port, 3)
         src = script.read_text()
@@ -527,22 +531,6 @@ def test_handover_bench_small():
     assert "kill -9 with systemd's fd store" in p.stdout
 
 
-def daemon_pid(port):
-    """PID of the epmd.py -daemon serving *port* (found in /proc by its command line)."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open("/proc/%s/cmdline" % entry, "rb") as f:
-                    argv = f.read().split(b"\0")
-            except OSError:
-                continue
-            if str(EPMD_PY).encode() in argv and b"-daemon" in argv and str(port).encode() in argv:
-                return int(entry)
-    return None
-
-
-HANDOVER_SEEN = b"EPMD_PY_HANDOVER=1 state="
-
 
 def stack_of(pid):
     with open("/proc/%d/maps" % pid) as f:
@@ -554,6 +542,14 @@ def environ_of(pid):
         return f.read()
 
 
+HANDOVER_SEEN = b"EPMD_PY_HANDOVER=1 state="
+
+
+def _one(pids):
+    """The only element of *pids*, or None."""
+    return pids[0] if len(pids) == 1 else None
+
+
 def test_reexec_in_daemon_mode():
     """With -daemon the re-exec keeps the detached process (same PID, still a
     child of init in its own session, no second fork) and every node."""
@@ -562,7 +558,7 @@ def test_reexec_in_daemon_mode():
     r = subprocess.run([sys.executable, str(EPMD_PY), "-port", str(port), "-address", "127.0.0.1",
                         "-daemon"], env=base_env(), timeout=30)
     assert r.returncode == 0
-    pid = daemon_pid(port)
+    pid = _one(daemon_pids(port))
     assert pid is not None
     try:
         nodes = register_mixed(port, 5)
@@ -574,7 +570,7 @@ def test_reexec_in_daemon_mode():
             assert wait_until(lambda: stack_of(pid) != image, 10)
             assert wait_until(lambda: HANDOVER_SEEN in environ_of(pid))
             assert wait_until(lambda: sorted(registered(port)) == sorted(n["name"] for n in nodes))
-        assert daemon_pid(port) == pid and os.getsid(pid) == sid
+        assert _one(daemon_pids(port)) == pid and os.getsid(pid) == sid
         for n in nodes:
             n["sock"].setblocking(False)
             with pytest.raises(BlockingIOError):

@@ -6,12 +6,9 @@ what OTP does instead.  Remote peers live in a network namespace joined to
 this host by a veth pair (tests/helpers.py, NetNS); they need root and `ip`.
 """
 
-import os
 import random
 import resource
-import shutil
 import socket
-import subprocess
 import time
 
 import pytest
@@ -19,14 +16,12 @@ from helpers import (
     U16,
     U32,
     VALID,
-    NetNS,
     alive2,
     connect,
     frame,
     is_open,
     mutate,
     names_or_none,
-    need,
     proc_cpu,
     proc_fds,
     proc_rss_kb,
@@ -45,18 +40,7 @@ import epmd
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def netns():
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        need("root and `ip` to make a network namespace", "iproute2")
-    ns = NetNS()
-    try:
-        ns.create()
-    except (subprocess.SubprocessError, OSError) as e:
-        ns.destroy()
-        need("a network namespace (%s)" % getattr(e, "stderr", e), "iproute2")
-    yield ns
-    ns.destroy()
+
 
 
 def figure(name, value):

@@ -32,6 +32,7 @@ from helpers import (
     alive2,
     base_env,
     connect,
+    daemon_pids,
     frame,
     free_port,
     listening_sockets,
@@ -288,19 +289,6 @@ def test_concurrent_daemons_one_serves():
         for pid in pids:
             os.kill(pid, signal.SIGTERM)
 
-
-def daemon_pids(port):
-    """PIDs of epmd.py daemons started with -daemon on *port*."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open("/proc/%s/cmdline" % entry, "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if str(EPMD_PY).encode() in argv and b"-daemon" in argv and str(port).encode() in argv:
-            pids.append(int(entry))
-    return pids
 
 
 def test_epmd_on_wildcard_counts_as_running(start_ours):

@@ -21,7 +21,6 @@ import pytest
 from helpers import (
     EPMD_PY,
     ERL,
-    NetNS,
     alive2,
     base_env,
     connect,
@@ -184,15 +183,21 @@ def test_status_against_otp_daemon(start_epmd, impl):
         s.close()
 
 
-def test_status_unprivileged_client(start_ours):
-    """Run as `nobody`, -status still answers (exit 0): other users' PIDs are
-    "?" (their /proc/<pid>/fd is not readable), never an error."""
+def python_for_nobody():
+    """An interpreter the user `nobody` may run (the test's own may live
+    under /root); skips without root or without one."""
     if os.geteuid() != 0:
         pytest.skip("needs root to switch to nobody")
-    # an interpreter `nobody` may run (the test's own may live under /root)
     python = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
     if python is None:
         pytest.skip("no system python3 for nobody")
+    return python
+
+
+def test_status_unprivileged_client(start_ours):
+    """Run as `nobody`, -status still answers (exit 0): other users' PIDs are
+    "?" (their /proc/<pid>/fd is not readable), never an error."""
+    python = python_for_nobody()
     d = start_ours()
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -326,18 +331,7 @@ def test_refusal_lines_both_daemons(start_epmd, impl):
         holder.close()
 
 
-@pytest.fixture
-def netns():
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        need("root and `ip` to make a network namespace", "iproute2")
-    ns = NetNS()
-    try:
-        ns.create()
-    except (subprocess.SubprocessError, OSError) as e:
-        ns.destroy()
-        need("a network namespace (%s)" % getattr(e, "stderr", e), "iproute2")
-    yield ns
-    ns.destroy()
+
 
 
 def test_remote_registration_refusal_names_peer(start_epmd, impl, netns):
@@ -425,11 +419,7 @@ def test_unprivileged_daemon_says_what_it_can(tmp_path):
     """A daemon running as `nobody` (as Debian's User=epmd): a duplicate of a
     name held by a root process is still refused with the extra line, which
     gives the holder's address and uid but no PID, and says why."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to switch to nobody")
-    python = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
-    if python is None:
-        pytest.skip("no system python3 for nobody")
+    python = python_for_nobody()
     port = free_port()
     err_path = tmp_path / "err"
     os.chmod(str(tmp_path), 0o755)

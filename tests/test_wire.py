@@ -19,6 +19,7 @@ from helpers import (
     connect,
     frame,
     is_open,
+    listening_on,
     log_shape,
     names,
     names_port_or_none,
@@ -626,35 +627,6 @@ def test_same_host_address_is_local(start_epmd):
     s.close()
 
 
-def _listening(pid, port):
-    """The (address, port) pairs process *pid* listens on, from /proc/net."""
-    inodes = set()
-    import os
-    for fd in os.listdir("/proc/%d/fd" % pid):
-        try:
-            link = os.readlink("/proc/%d/fd/%s" % (pid, fd))
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            inodes.add(link[8:-1])
-    found = []
-    for table, fam in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
-        with open(table) as f:
-            next(f)
-            for line in f:
-                parts = line.split()
-                local, state, inode = parts[1], parts[3], parts[9]
-                if state != "0A" or inode not in inodes:
-                    continue
-                hexaddr, hexport = local.split(":")
-                raw = bytes.fromhex(hexaddr)
-                if fam == socket.AF_INET:
-                    addr = socket.inet_ntop(fam, raw[::-1])
-                else:
-                    addr = socket.inet_ntop(fam, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
-                found.append((addr, int(hexport, 16)))
-    return sorted(found)
-
 
 def test_address_list(start_epmd):
     """-address adds the listed addresses to 127.0.0.1 and ::1; the
@@ -663,18 +635,18 @@ def test_address_list(start_epmd):
     """
     d = start_epmd("-address", "127.0.0.2", loopback=False)
     expected = [("127.0.0.1", d.port), ("::1", d.port), ("127.0.0.2", d.port)]
-    assert _listening(d.pid, d.port) == sorted(expected)
+    assert listening_on(d.pid, d.port) == sorted(expected)
     assert names(d.port, host="127.0.0.2")[0] == d.port
     d2 = start_epmd("-address", "127.0.0.1,::1", loopback=False)
-    assert _listening(d2.pid, d2.port) == sorted([("127.0.0.1", d2.port), ("::1", d2.port)])
+    assert listening_on(d2.pid, d2.port) == sorted([("127.0.0.1", d2.port), ("::1", d2.port)])
     d3 = start_epmd("-address", " 127.0.0.3 , ,127.0.0.4 ", loopback=False)
-    assert len(_listening(d3.pid, d3.port)) == 4
+    assert len(listening_on(d3.pid, d3.port)) == 4
 
 
 def test_no_address_listens_everywhere(start_epmd):
     """Without -address: 0.0.0.0 and :: (IPv6-only)."""
     d = start_epmd(loopback=False)
-    assert _listening(d.pid, d.port) == sorted([("0.0.0.0", d.port), ("::", d.port)])
+    assert listening_on(d.pid, d.port) == sorted([("0.0.0.0", d.port), ("::", d.port)])
 
 
 def test_address_env_and_override(start_epmd):
@@ -683,9 +655,9 @@ def test_address_env_and_override(start_epmd):
     Source: OTP epmd_srv.c, run (the listening sockets).
     """
     d = start_epmd(loopback=False, env=base_env(ERL_EPMD_ADDRESS="127.0.0.5"))
-    assert ("127.0.0.5", d.port) in _listening(d.pid, d.port)
+    assert ("127.0.0.5", d.port) in listening_on(d.pid, d.port)
     d2 = start_epmd("-address", "127.0.0.6", loopback=False, env=base_env(ERL_EPMD_ADDRESS="127.0.0.5"))
-    addrs = [a for a, _ in _listening(d2.pid, d2.port)]
+    addrs = [a for a, _ in listening_on(d2.pid, d2.port)]
     assert "127.0.0.6" in addrs and "127.0.0.5" not in addrs
 
 
@@ -706,7 +678,7 @@ def test_too_many_addresses(start_epmd):
     """
     ok = ",".join("127.0.1.%d" % i for i in range(1, 14))
     d = start_epmd("-address", ok, loopback=False)
-    assert len(_listening(d.pid, d.port)) == 15
+    assert len(listening_on(d.pid, d.port)) == 15
     bad = ",".join("127.0.2.%d" % i for i in range(1, 15))
     d2 = start_epmd("-address", bad, loopback=False, wait=False)
     assert d2.wait_exit(5) == 1
