@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark epmd.py side by side with OTP's epmd (when installed).
 
-    python3 tests/bench.py [--reps N] [--dur SECONDS] [--only FIGURE,...]
+    python3 tests/bench.py [--reps N] [--dur SECONDS] [--only FIGURE,...] [--baseline OLD_EPMD_PY]
 
 Starts each daemon fresh for every run on a free loopback port, pinned to CPU
 0 (the load generator to CPU 1 when there are two), interleaving the daemons
@@ -43,6 +43,7 @@ from helpers import U16, U32, frame, free_port, proc_cpu, proc_rss_kb
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 NODE_PORT = 4242
+BASELINE = None     # --baseline: another epmd.py measured in the same run ("before")
 
 
 def alive2(name, port=NODE_PORT):
@@ -158,7 +159,8 @@ class Daemon:
     def __init__(self, impl):
         self.impl = impl
         self.port = free_port()
-        exe = [sys.executable, str(ROOT / "epmd.py")] if impl == "py" else [otp_epmd()]
+        exe = {"py": [sys.executable, str(ROOT / "epmd.py")], "base": [sys.executable, str(BASELINE)],
+               "otp": [otp_epmd()]}[impl]
         self.argv = exe + ["-port", str(self.port), "-address", "127.0.0.1"]
         env = {k: v for k, v in os.environ.items() if not k.startswith("ERL_EPMD")}
         self.t_spawn = time.perf_counter()
@@ -354,10 +356,15 @@ def main(argv):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dur", type=float, default=5.0)
     ap.add_argument("--only", default=",".join(FIGURES))
+    ap.add_argument("--baseline", metavar="EPMD_PY",
+                    help="also measure this epmd.py (e.g. `git show REV:epmd.py > old.py`) in the same "
+                         "run, as the column 'before', with the ratio of epmd.py to it")
     a = ap.parse_args(argv)
+    global BASELINE
+    BASELINE = a.baseline
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    impls = ["py"] + (["otp"] if otp_epmd() else [])
+    impls = ["py"] + (["base"] if BASELINE else []) + (["otp"] if otp_epmd() else [])
     results = {impl: {} for impl in impls}
     failed = False
     for name in a.only.split(","):
@@ -381,7 +388,10 @@ def main(argv):
     print("# %s, %d cpus, Python %s; medians of %d runs (capacity and start-up: one run, start-up: "
           "median of 10 starts)" % (time.strftime("%Y-%m-%d %H:%M"), os.cpu_count(),
                                     sys.version.split()[0], a.reps))
-    print("%-60s %12s %12s %8s  %s" % ("figure", "epmd.py", "OTP epmd", "ratio", "target"))
+    head = "%-60s %12s %12s %8s" % ("figure", "epmd.py", "OTP epmd", "ratio")
+    if BASELINE:
+        head += " %12s %8s" % ("before", "/before")
+    print(head + "  target")
     all_met = True
     for key, label, target in ROWS:
         py = statistics.median(results["py"][key]) if results["py"].get(key) else None
@@ -401,8 +411,11 @@ def main(argv):
                 tgt, met = "<= %g" % value, py <= value
         if met is False:
             all_met = False
-        print("%-60s %12s %12s %8s  %s%s" % (label, fmt(py), fmt(otp), fmt(ratio), tgt,
-                                             "" if met is None else ("  met" if met else "  MISSED")))
+        row = "%-60s %12s %12s %8s" % (label, fmt(py), fmt(otp), fmt(ratio))
+        if BASELINE:
+            base = statistics.median(results["base"][key]) if results["base"].get(key) else None
+            row += " %12s %8s" % (fmt(base), fmt(py / base if py is not None and base else None))
+        print("%s  %s%s" % (row, tgt, "" if met is None else ("  met" if met else "  MISSED")))
     if failed:
         print("!! some runs failed (wrong or missing replies)")
         return 1
