@@ -122,7 +122,6 @@ README.md's and epmd(1)'s table of differences), the code says so with a
 import collections
 import errno
 import os
-import traceback
 import selectors
 import signal
 import socket
@@ -222,6 +221,14 @@ SD_RELOADING = "RELOADING=1\nSTATUS=Handing over to a new image...\nMONOTONIC_US
 # Debug output (OTP epmd.c: dbg_printf, dbg_tty_printf, dbg_perror;
 # epmd_srv.c: dbg_print_buf, print_buf_hex)
 # ---------------------------------------------------------------------------
+
+
+def format_exc():
+    """The traceback of the exception being handled, as text without the
+    last newline.  traceback is imported here, on the error path: importing
+    it costs every start-up 3 ms (it pulls in linecache and tokenize)."""
+    import traceback
+    return traceback.format_exc().rstrip()
 
 
 def text(raw):
@@ -1239,8 +1246,10 @@ def systemd_port(socks, default):
     return default
 
 
-def sd_notify(state, environ=os.environ):
-    """Send *state* (e.g. "READY=1") to the datagram socket $NOTIFY_SOCKET.
+def sd_notify(state, environ=os.environ, fds=()):
+    """Send *state* (e.g. "READY=1") to the datagram socket $NOTIFY_SOCKET,
+    with the descriptors *fds* attached (SCM_RIGHTS) if any, as
+    sd_pid_notify_with_fds(3) does for FDSTORE=1.
 
     A name starting with '@' is an abstract socket.  Does nothing when the
     variable is unset; errors are ignored.  Returns True if sent.
@@ -1253,7 +1262,12 @@ def sd_notify(state, environ=os.environ):
         path = "\0" + path[1:]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.sendto(state.encode(), path)
+            if fds:
+                import array
+                rights = array.array("i", fds).tobytes()
+                s.sendmsg([state.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)], 0, path)
+            else:
+                s.sendto(state.encode(), path)
         return True
     except OSError:
         return False
@@ -1538,25 +1552,6 @@ def is_stored_name(name):
     return name == FDSTORE_STATE or (head == "epmd-node" and num.isdigit())
 
 
-def sd_notify_fds(state, fds, environ=os.environ):
-    """sd_notify() with descriptors *fds* attached (SCM_RIGHTS), as
-    sd_pid_notify_with_fds(3) sends them.  Returns True if sent."""
-    path = environ.get("NOTIFY_SOCKET")
-    if not path or path[0] not in "/@":
-        return False
-    if path[0] == "@":
-        path = "\0" + path[1:]
-    import array
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.sendmsg([state.encode()],
-                      [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())],
-                      0, path)
-        return True
-    except OSError:
-        return False
-
-
 class FdStore:
     """This daemon's entries in systemd's fd store.
 
@@ -1602,7 +1597,7 @@ class FdStore:
         state_fd = stored.pop(FDSTORE_STATE, None)
         if state_fd is None:
             state_fd = os.memfd_create(FDSTORE_STATE)
-            sd_notify_fds("FDSTORE=1\nFDNAME=%s" % FDSTORE_STATE, [state_fd], environ)
+            sd_notify("FDSTORE=1\nFDNAME=%s" % FDSTORE_STATE, environ, [state_fd])
         else:
             os.set_inheritable(state_fd, False)
         store = cls(environ, log, state_fd, limit)
@@ -1635,7 +1630,7 @@ class FdStore:
                                 "survive a restart", self.limit)
         name = FDSTORE_NODE % self.seq
         self.seq += 1
-        if sd_notify_fds("FDSTORE=1\nFDNAME=%s" % name, [fd], self.environ):
+        if sd_notify("FDSTORE=1\nFDNAME=%s" % name, self.environ, [fd]):
             return name
         return None
 
@@ -2133,7 +2128,7 @@ class Epmd(Handover):
                 self.watch(conn)
         except Exception:  # one bad client never takes us down
             self.log.dbg_printf(0, "internal error on file descriptor %d: %s",
-                                conn.fd, traceback.format_exc().rstrip())
+                                conn.fd, format_exc())
             self.drop(conn)
 
     def check_timeouts(self):
@@ -3806,7 +3801,7 @@ def run_daemon(epmd):
     except BaseException as e:
         try:
             if sent:
-                epmd.log.dbg_printf(0, "internal error: %s", traceback.format_exc().rstrip())
+                epmd.log.dbg_printf(0, "internal error: %s", format_exc())
             else:
                 ready(1, "internal error in the daemon before it served: %r" % (e,))
         finally:
