@@ -322,9 +322,8 @@ class Harness:
 
     def __init__(self):
         import io
-        import selectors
         self.e = epmd.Epmd(port=4369, log=epmd.DebugLog(0, out=io.BytesIO()))
-        self.e.sel = selectors.DefaultSelector()
+        self.e.sel = epmd.make_poller()
         self.e.max_conn, self.e.local_reserve = 10000, 64
         self.keep = []
         for i in range(3):

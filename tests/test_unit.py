@@ -3,9 +3,10 @@ creation rules, the node table, address parsing, hexdumps, the command line."""
 
 import io
 import socket
+import threading
 
 import pytest
-from helpers import alive2
+from helpers import alive2, connect, free_port, read_to_eof, register, registered, request, wait_until
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -413,3 +414,68 @@ def test_foreground_log_keeps_raw_bytes():
     out = io.BytesIO()
     epmd.DebugLog(0, out=out).dbg_printf(0, "node name already occupied %s", b"bad\xff")
     assert out.getvalue().endswith(b": node name already occupied bad\xff\r\n")
+
+
+# -- the poller -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [epmd.make_poller, epmd.SelectorPoller])
+def test_poller_reports_readable_and_writable(make):
+    """The loop's poller (epoll here) and the selectors-based one used where
+    there is no epoll report the same events for the same sockets."""
+    p = make()
+    a, b = socket.socketpair()
+    try:
+        fd = a.fileno()
+        p.register(fd, epmd.READABLE)
+        assert p.poll(0) == []
+        b.send(b"x")
+        assert p.poll(1) == [(fd, epmd.READABLE)]
+        p.modify(fd, epmd.WRITABLE)
+        assert p.poll(1) == [(fd, epmd.WRITABLE)]
+        with pytest.raises(FileExistsError):
+            p.register(fd, epmd.READABLE)
+        p.unregister(fd)
+        assert p.poll(0) == []
+        with pytest.raises(FileNotFoundError):
+            p.unregister(fd)
+        p.register(fd, epmd.READABLE)
+        a.recv(1)
+        b.close()
+        [(got_fd, events)] = p.poll(1)
+        assert got_fd == fd and events & (epmd.READABLE | epmd.FAILED)
+    finally:
+        p.close()
+        a.close()
+        b.close()
+
+
+def test_loop_on_selector_poller(monkeypatch):
+    """The whole loop runs on SelectorPoller too: a registration held open,
+    a lookup answered at once, a request in two writes (watched until its
+    rest arrives), the node released when its connection closes, KILL."""
+    monkeypatch.setattr(epmd, "make_poller", epmd.SelectorPoller)
+    port = free_port()
+    e = epmd.Epmd(port=port, addresses="127.0.0.1", log=quiet_log())
+    e.bind()
+    codes = []
+    t = threading.Thread(target=lambda: codes.append(e.run()))
+    t.start()
+    try:
+        node, reply = register(port, "sp", port=4242)
+        assert reply[:2] == b"v\x00"
+        expected = epmd.pack_port2_resp(e.nodes.reg[b"sp"])
+        assert request(port, b"zsp") == expected
+        with connect(port) as s:
+            s.sendall(b"\x00")
+            assert wait_until(lambda: any(c.events for c in list(e.conns.values()) if not c.node))
+            s.sendall(b"\x03zsp")
+            assert read_to_eof(s) == expected
+        node.close()
+        assert wait_until(lambda: registered(port) == [])
+        assert request(port, b"k") == b"OK"
+        t.join(5)
+        assert codes == [0]
+    finally:
+        if t.is_alive():
+            request(port, b"k")
+            t.join(5)
