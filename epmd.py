@@ -183,6 +183,7 @@ ACCEPT_PAUSE = 0.1                  # seconds listeners rest after EMFILE (D2)
 # code of the enum module on every reply.
 DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))
 MORE = int(getattr(socket, "MSG_MORE", 0))
+DONTWAIT_MORE = DONTWAIT | MORE
 SOCK_STREAM = int(socket.SOCK_STREAM)
 
 # struct formats of the fixed parts of packets.
@@ -396,14 +397,14 @@ def pack_alive2_resp(result, creation, highvsn):
 
 
 def parse_port2_req(payload, max_chars=MAX_NAME_CHARS):
-    """Return the node name asked for by a PORT_PLEASE2_REQ payload.
+    """Return the node name asked for by a PORT_PLEASE2_REQ payload (bytes).
 
     One trailing NUL is dropped.  An empty name, an interior NUL, invalid
     UTF-8 or more than *max_chars* code points raise PacketError (the
     connection is closed without a reply).  OTP counts the terminating NUL
     as a character, so it refuses 255-character names; D8: we accept them.
     """
-    name = bytes(payload[1:])
+    name = payload[1:]
     if name.endswith(b"\0"):
         name = name[:-1]
     if not name:
@@ -1205,10 +1206,11 @@ class Epmd:
         for the rest of its request is then watched by the selector.  Any
         error closes this connection only, and is logged with a traceback."""
         try:
-            if mask & FAILED:
-                mask = conn.events
-            if mask & WRITABLE and conn.out:
-                self.do_write(conn)
+            if mask != READABLE:    # not only readable (rare)
+                if mask & FAILED:
+                    mask = conn.events
+                if mask & WRITABLE and conn.out:
+                    self.do_write(conn)
             if mask & READABLE and conn.state is not CLOSED:
                 self.do_read(conn)
             if conn.state is READING and not conn.events:
@@ -1469,16 +1471,7 @@ class Epmd:
         if log.level >= 2:
             log.dbg_print_buf(data)
         status = conn.take(data)
-        if status == BAD_SIZE:
-            log.dbg_printf(0, "invalid packet size (%d)", conn.want - HEADER_LEN)
-            self.epmd_conn_close(conn)
-            return
-        if status == TOO_MUCH:
-            log.dbg_printf(0, "got %d bytes in packet, expected %d",
-                           conn.got - HEADER_LEN, conn.want - HEADER_LEN)
-            self.epmd_conn_close(conn)
-            return
-        if status == COMPLETE:
+        if status == COMPLETE:      # the common case first
             conn.one_read = len(data) == conn.want
             payload = conn.buf[HEADER_LEN:]
             conn.buf = b""
@@ -1488,6 +1481,13 @@ class Epmd:
                 # read as in OTP, so a trickle cannot hold a slot; the reply
                 # gets a packet_timeout of its own (set_state starts it).
                 self.set_state(conn, REPLYING if conn.out else CLOSED)
+        elif status == BAD_SIZE:
+            log.dbg_printf(0, "invalid packet size (%d)", conn.want - HEADER_LEN)
+            self.epmd_conn_close(conn)
+        elif status == TOO_MUCH:
+            log.dbg_printf(0, "got %d bytes in packet, expected %d",
+                           conn.got - HEADER_LEN, conn.want - HEADER_LEN)
+            self.epmd_conn_close(conn)
 
     # -- requests -----------------------------------------------------------
 
@@ -1671,15 +1671,12 @@ class Epmd:
         if conn.out:
             conn.out += data
             return True
-        flags = DONTWAIT
-        if last and conn.one_read:
-            # The connection is closed right after this reply: let the FIN
-            # ride in the same segment.  Only when the request came in one
-            # read, as unread input turns the close into an RST that would
-            # drop data still held back.
-            flags |= MORE
+        # When the connection is closed right after this reply, let the FIN
+        # ride in the same segment (MSG_MORE).  Only when the request came
+        # in one read, as unread input turns the close into an RST that
+        # would drop data still held back.
         try:
-            sent = conn.sock.send(data, flags)
+            sent = conn.sock.send(data, DONTWAIT_MORE if last and conn.one_read else DONTWAIT)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as e:
