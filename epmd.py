@@ -685,6 +685,12 @@ INCOMPLETE, COMPLETE, BAD_SIZE, TOO_MUCH = range(4)
 #   KEPT       holds a registered node (ALIVE2 OK)   no     read (+ write while a
 #                                                           reply is left over)
 #   CLOSED     closed and forgotten                  -      -
+#
+# A connection enters the connection table (Epmd.conns) when it first has to
+# wait: for the rest of its request (set_state to READING), to write its
+# reply (REPLYING), or as a registered node (KEPT).  One answered and closed
+# in the wake-up that accepted it, the common case, never does: that spares
+# it two table entries and a clock read, 6% of a PORT_PLEASE2_REQ.
 READING, REPLYING, KEPT, CLOSED = "reading", "replying", "kept", "closed"
 
 
@@ -695,12 +701,13 @@ class Connection:
     above), changed only by Epmd.set_state.  ``buf`` holds the bytes of
     the packet read so far (at most INBUF_SIZE), ``want`` the packet's
     total size with its HEADER_LEN-byte header once known (0 before).
-    ``mod_time`` is when the current time-out began: the accept, then the
-    reply (integer seconds of the monotonic clock; OTP restarts it on every
-    read, D13).  ``node`` is the Node this connection registered, set and
-    cleared by NodeTable only.  ``out`` holds reply bytes the socket could
-    not take yet.  ``one_read`` is true when the request arrived in one
-    read, so that read left nothing unread.  ``events`` are the selector
+    ``mod_time`` is when the current time-out began: the first wait (in
+    the wake-up of the accept), then the reply (integer seconds of the
+    monotonic clock; OTP restarts it on every read, D13).  ``node`` is
+    the Node this connection registered, set and cleared by NodeTable
+    only.  ``out`` holds reply bytes the socket could not take yet.
+    ``one_read`` is true when the request arrived in one read, so that
+    read left nothing unread.  ``events`` are the selector
     events it is registered for (0: not registered).  ``peer`` is the
     address accept() returned (or None), and ``local`` the verdict of
     conn_local_peer_check, None until local_peer first asks for it.
@@ -1207,9 +1214,10 @@ class Epmd:
             self.epmd_cleanup_exit()
 
     def handle(self, conn, mask):
-        """Write and/or read *conn* as *mask* says; a connection left waiting
-        for the rest of its request is then watched by the selector.  Any
-        error closes this connection only, and is logged with a traceback."""
+        """Write and/or read *conn* as *mask* says; a new connection left
+        waiting for the rest of its request then starts waiting (set_state
+        READING).  Any error closes this connection only, and is logged with
+        a traceback."""
         try:
             if mask != READABLE:    # not only readable (rare)
                 if mask & FAILED:
@@ -1219,7 +1227,7 @@ class Epmd:
             if mask & READABLE and conn.state is not CLOSED:
                 self.do_read(conn)
             if conn.state is READING and not conn.events:
-                self.watch(conn)
+                self.set_state(conn, READING)
         except Exception:  # one bad client never takes us down
             self.log.dbg_printf(0, "internal error on file descriptor %d: %s",
                                 conn.fd, traceback.format_exc().rstrip())
@@ -1340,9 +1348,10 @@ class Epmd:
                 pass
 
     def conn_open(self, sock, peer, family):
-        """Take an accepted socket (*peer*: the address accept() returned,
-        *family*: its address family) into the connection table, READING;
-        return its Connection, or None.
+        """Make a READING Connection of an accepted socket (*peer*: the
+        address accept() returned, *family*: its address family); return
+        it, or None.  It enters the connection table only if it has to wait
+        (set_state); its time-out then starts.
 
         When the table is full the socket is closed at once ("failed
         opening connection").  D4: remote peers may not take the last
@@ -1361,9 +1370,7 @@ class Epmd:
                 return None
         if log.level >= 2:
             log.dbg_tty_printf(2, "Local peer connected" if local else "Non-local peer connected")
-        conn = Connection(sock, fd, local, self.clock(), peer)
-        self.conns[fd] = conn
-        self.pending[fd] = conn
+        conn = Connection(sock, fd, local, 0, peer)  # mod_time: set at its first wait
         if log.level >= 2:
             log.dbg_tty_printf(2, "opening connection on file descriptor %d", fd)
         return conn
@@ -1371,21 +1378,24 @@ class Epmd:
     # -- connection state ---------------------------------------------------
 
     def set_state(self, conn, state):
-        """Move *conn* to *state* (REPLYING, KEPT or CLOSED; a connection is
-        READING from conn_open on): the one place a state changes.
+        """Move *conn* to *state*: the one place a state changes.
 
-        It keeps the rest in step: the time-out index ``pending`` (READING
-        and REPLYING are timed; a REPLYING connection's time-out starts
-        now), the selector interest (Connection.wanted_events), and, for
-        CLOSED, the connection table and the socket, closed here.  Closing
-        a closed connection does nothing.
+        A connection is READING from conn_open on, outside the connection
+        table; set_state(conn, READING) is its first wait for more of its
+        request, in the wake-up that accepted it.  It keeps the rest in
+        step: the connection table ``conns`` (entered at the first wait,
+        left at CLOSED), the time-out index ``pending`` (READING and
+        REPLYING are timed; the time-out starts now: at the accept for
+        READING, D13, and at the reply for REPLYING), the selector interest
+        (Connection.wanted_events), and, for CLOSED, the socket, closed
+        here.  Closing a closed connection does nothing.
         """
         if conn.state is CLOSED:
             return
         conn.state = state
         fd = conn.fd
         if state is CLOSED:
-            del self.conns[fd]
+            self.conns.pop(fd, None)
             self.pending.pop(fd, None)
             if self.log.level >= 2:
                 self.log.dbg_tty_printf(2, "closing connection on file descriptor %d", fd)
@@ -1396,6 +1406,7 @@ class Epmd:
             conn.buf = b""
             conn.out = b""
             return
+        self.conns[fd] = conn
         if state is KEPT:
             self.pending.pop(fd, None)
         else:
