@@ -4,6 +4,7 @@ Everything here talks to real processes over real sockets on loopback (or on
 this host's own non-loopback addresses); nothing is mocked.
 """
 
+import errno
 import glob
 import os
 import random
@@ -959,3 +960,114 @@ def measure_refusal_latency(port, name, count, rate=100.0, settle=0.5, fresh=Fal
         flood.terminate()
         out, _ = flood.communicate(30)
     return quiet, flooded, flood.pid
+# -- load ---------------------------------------------------------------------
+
+def proc_hwm_kb(pid):
+    """Peak resident set size (VmHWM) of process *pid*, in kB."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmHWM")
+
+
+def run_requests(port, requests, conc=0, start_at=None, spread=0.0, check=None,
+                 host="127.0.0.1", timeout=30.0, keep=False):
+    """Send each request of *requests* (framed bytes) on a connection of its
+    own and read the reply, from one selectors loop of non-blocking clients.
+
+    At most *conc* connections are open at once (0: no limit); the
+    connections start at time.time() *start_at* (default now), spread evenly
+    over *spread* seconds.  A request is answered when a reply arrives and the
+    daemon closes (or, with *keep*, as soon as any reply bytes arrive: for
+    ALIVE2_REQ, whose connection stays open; the sockets are then returned
+    open).  *check(i, reply)* says whether reply i is right (default: any
+    non-empty reply).  Gives up on whatever is still open *timeout* seconds
+    after the start.
+
+    Returns a dict: ok, failed (refused, reset, closed without a reply, timed
+    out), bad (a reply check() refused), t_last (time.time() of the last
+    reply), held (the open sockets, with *keep*).
+    """
+    import selectors
+    sel = selectors.DefaultSelector()
+    addr = (host, port)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    start_at = time.time() if start_at is None else start_at
+    step = spread / len(requests) if requests else 0.0
+    out = {"ok": 0, "failed": 0, "bad": 0, "t_last": None, "held": []}
+    pending = 0                     # index of the next request to start
+    open_ = 0
+    while time.time() < start_at:
+        time.sleep(0.0005)
+    deadline = start_at + timeout
+
+    def finish(s, i, reply):
+        nonlocal open_
+        sel.unregister(s)
+        open_ -= 1
+        if reply is None:
+            out["failed"] += 1
+            s.close()
+            return
+        out["t_last"] = time.time()
+        if check is None or check(i, reply):
+            out["ok"] += 1
+        else:
+            out["bad"] += 1
+        if keep:
+            out["held"].append(s)
+        else:
+            s.close()
+
+    while pending < len(requests) or open_:
+        now = time.time()
+        if now > deadline:
+            break
+        while pending < len(requests) and (not conc or open_ < conc) \
+                and start_at + pending * step <= now:
+            s = socket.socket(family, socket.SOCK_STREAM)
+            s.setblocking(False)
+            err = s.connect_ex(addr)
+            if err not in (0, errno.EINPROGRESS):
+                s.close()
+                out["failed"] += 1
+            else:
+                sel.register(s, selectors.EVENT_WRITE, [pending, None])
+                open_ += 1
+            pending += 1
+        wait = 0.05
+        if pending < len(requests) and (not conc or open_ < conc):
+            wait = max(0.0, min(wait, start_at + pending * step - time.time()))
+        for key, _ in sel.select(wait):
+            s, (i, chunks) = key.fileobj, key.data
+            if chunks is None:      # connected (or not): send the request
+                if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                    finish(s, i, None)
+                    continue
+                try:
+                    s.send(requests[i])
+                except OSError:
+                    finish(s, i, None)
+                    continue
+                sel.modify(s, selectors.EVENT_READ, [i, []])
+                continue
+            try:
+                data = s.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:         # a reset: after a reply, it counts as the end
+                data = b""
+            if data:
+                chunks.append(data)
+                if keep:
+                    finish(s, i, b"".join(chunks))
+                continue
+            finish(s, i, b"".join(chunks) if chunks else None)
+    for key in list(sel.get_map().values()):
+        key.fileobj.close()
+        out["failed"] += 1
+    out["failed"] += len(requests) - pending
+    sel.close()
+    return out
+
