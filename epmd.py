@@ -194,9 +194,11 @@ LOCAL_RESERVE = 64                  # D4: connection slots only local peers get
                                     # (at most half of the table)
 ACCEPT_PAUSE = 0.1                  # seconds listeners rest after EMFILE (D2)
 # Accepted sockets stay in blocking mode; every recv and send on them says
-# MSG_DONTWAIT instead, which spares a system call per connection.
-DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
-MORE = getattr(socket, "MSG_MORE", 0)
+# MSG_DONTWAIT instead, which spares a system call per connection.  Plain
+# ints: the socket module's flags are IntFlag members, whose | runs Python
+# code of the enum module on every reply.
+DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))
+MORE = int(getattr(socket, "MSG_MORE", 0))
 
 # struct formats of the fixed parts of packets.
 U16 = struct.Struct(">H")
