@@ -2483,7 +2483,10 @@ class Epmd(Handover):
         """PORT_PLEASE2_REQ: answer PORT2_RESP with the node's fields, or
         'w' 1 when the name is not registered.  Anyone may ask."""
         log = self.log
-        log.dbg_printf(1, "** got PORT2_REQ")
+        # The most frequent request: its level-1 lines are tested for
+        # before the call, which costs more than the test.
+        if log.level:
+            log.dbg_printf(1, "** got PORT2_REQ")
         try:
             name = parse_port2_req(payload)
         except PacketError as e:
@@ -2491,8 +2494,9 @@ class Epmd(Handover):
             return
         resp = self.nodes.port2_resp(name)
         sent = self.reply(conn, (resp or PORT2_RESP_ERROR,))
-        log.dbg_tty_printf(1, "** %s PORT2_RESP (%s) for \"%s\"",
-                           "sent" if sent else "failed to send", "ok" if resp else "error", name)
+        if log.level:
+            log.dbg_tty_printf(1, "** %s PORT2_RESP (%s) for \"%s\"",
+                               "sent" if sent else "failed to send", "ok" if resp else "error", name)
 
     def do_names_req(self, conn, payload):
         """NAMES_REQ: the configured port as u32, then one line per node.
