@@ -199,6 +199,7 @@ ACCEPT_PAUSE = 0.1                  # seconds listeners rest after EMFILE (D2)
 # code of the enum module on every reply.
 DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))
 MORE = int(getattr(socket, "MSG_MORE", 0))
+SOCK_STREAM = int(socket.SOCK_STREAM)
 
 # struct formats of the fixed parts of packets.
 U16 = struct.Struct(">H")
@@ -808,15 +809,12 @@ def accept(lsock, family):
     The same as ``lsock.accept()``, minus what costs more CPU than the rest
     of the accept: the conversions of family and type to enums, and the
     Python-level socket class.  It takes the socket module's own
-    ``_accept`` (there since Python 3.3) when present, and makes the plain
-    C socket type (``socket.SocketType``), whose recv, send and close need
-    no Python frames.  *family* is the listening socket's family as an int.
+    ``_accept`` (there since Python 3.3), and makes the plain C socket type
+    (``socket.SocketType``), whose recv, send and close need no Python
+    frames.  *family* is the listening socket's family as an int.
     """
-    raw = getattr(lsock, "_accept", None)
-    if raw is None:
-        return lsock.accept()
-    fd, peer = raw()
-    return socket.SocketType(family, socket.SOCK_STREAM, 0, fd), peer
+    fd, peer = lsock._accept()
+    return socket.SocketType(family, SOCK_STREAM, 0, fd), peer
 
 
 MAPPED_LOOPBACK = "::ffff:127."      # D19: IPv4-mapped 127.0.0.0/8
