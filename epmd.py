@@ -199,7 +199,12 @@ ACCEPT_PAUSE = 0.1                  # seconds listeners rest after EMFILE (D2)
 # code of the enum module on every reply.
 DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))
 MORE = int(getattr(socket, "MSG_MORE", 0))
+DONTWAIT_MORE = DONTWAIT | MORE
 SOCK_STREAM = int(socket.SOCK_STREAM)
+# The selector's events, as module globals: one name look-up, not two, on
+# the request path.
+EVENT_READ = selectors.EVENT_READ
+EVENT_WRITE = selectors.EVENT_WRITE
 
 # struct formats of the fixed parts of packets.
 U16 = struct.Struct(">H")
@@ -423,14 +428,14 @@ def pack_alive2_resp(result, creation, highvsn):
 
 
 def parse_port2_req(payload, max_chars=MAX_NAME_CHARS):
-    """Return the node name asked for by a PORT_PLEASE2_REQ payload.
+    """Return the node name asked for by a PORT_PLEASE2_REQ payload (bytes).
 
     One trailing NUL is dropped.  An empty name, an interior NUL, invalid
     UTF-8 or more than *max_chars* code points raise PacketError (the
     connection is closed without a reply).  OTP counts the terminating NUL
     as a character, so it refuses 255-character names; D8: we accept them.
     """
-    name = bytes(payload[1:])
+    name = payload[1:]
     if name.endswith(b"\0"):
         name = name[:-1]
     if not name:
@@ -794,8 +799,8 @@ class Connection:
     def wanted_events(self):
         """The selector events its state wants (see the state table)."""
         if self.state == REPLYING:
-            return selectors.EVENT_WRITE
-        return selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0)
+            return EVENT_WRITE
+        return EVENT_READ | (EVENT_WRITE if self.out else 0)
 
     @property
     def got(self):
@@ -1866,7 +1871,7 @@ class Handover:
         register again, as after a restart).  Also watches the wake-up
         socket of SIGUSR2."""
         if self.wakeup is not None:
-            self.sel.register(self.wakeup[0], selectors.EVENT_READ, WAKEUP)
+            self.sel.register(self.wakeup[0], EVENT_READ, WAKEUP)
         handover, self.handover = self.handover, None
         if handover is None and self.fdstore is not None and self.fdstore.restored:
             handover = self.fdstore.restart_handover()
@@ -2103,7 +2108,7 @@ class Epmd(Handover):
         log = self.log
         self.sel = sel = selectors.DefaultSelector()
         for ls in self.listeners:
-            sel.register(ls, selectors.EVENT_READ, None)
+            sel.register(ls, EVENT_READ, None)
             self.families[ls.fileno()] = int(ls.family)
         self.open_spare()
         self.handover_resume()
@@ -2144,9 +2149,10 @@ class Epmd(Handover):
         for the rest of its request is then watched by the selector.  Any
         error closes this connection only, and is logged with a traceback."""
         try:
-            if mask & selectors.EVENT_WRITE and conn.out:
-                self.do_write(conn)
-            if mask & selectors.EVENT_READ and conn.state is not CLOSED:
+            if mask != EVENT_READ:  # not only readable (rare)
+                if mask & EVENT_WRITE and conn.out:
+                    self.do_write(conn)
+            if mask & EVENT_READ and conn.state is not CLOSED:
                 self.do_read(conn)
             if conn.state is READING and not conn.events:
                 self.watch(conn)
@@ -2249,7 +2255,7 @@ class Epmd(Handover):
             return
         conn = self.conn_open(sock, addr, family)
         if conn is not None:
-            self.handle(conn, selectors.EVENT_READ)
+            self.handle(conn, EVENT_READ)
 
     def shed_connection(self, lsock):
         """Accept and close one waiting connection using the spare fd (D2)."""
@@ -2277,7 +2283,7 @@ class Epmd(Handover):
         self.paused_until = 0.0
         for ls in self.listeners:
             try:
-                self.sel.register(ls, selectors.EVENT_READ, None)
+                self.sel.register(ls, EVENT_READ, None)
             except (KeyError, ValueError):  # still registered
                 pass
 
@@ -2419,29 +2425,26 @@ class Epmd(Handover):
         if log.level >= 2:
             log.dbg_print_buf(data)
         status = conn.take(data)
-        if status == BAD_SIZE:
-            log.dbg_printf(0, "invalid packet size (%d)", conn.want - HEADER_LEN)
-            self.epmd_conn_close(conn)
-            return
-        if status == TOO_MUCH:
-            log.dbg_printf(0, "got %d bytes in packet, expected %d",
-                           conn.got - HEADER_LEN, conn.want - HEADER_LEN)
-            self.epmd_conn_close(conn)
-            return
-        if status == INCOMPLETE:
-            # As OTP, the packet time-out restarts on every read that brings
-            # bytes (a complete request's reply gets one of its own from
-            # set_state).  D13: the request as a whole stays capped from
-            # the accept (start_time, check_timeouts).
-            conn.mod_time = self.clock()
-            return
-        if status == COMPLETE:
+        if status == COMPLETE:      # the common case first
             conn.one_read = len(data) == conn.want
             payload = conn.buf[HEADER_LEN:]
             conn.buf = b""
             self.do_request(conn, payload)
             if conn.state is READING:
                 self.set_state(conn, REPLYING if conn.out else CLOSED)
+        elif status == INCOMPLETE:
+            # As OTP, the packet time-out restarts on every read that brings
+            # bytes (a complete request's reply gets one of its own from
+            # set_state).  D13: the request as a whole stays capped from
+            # the accept (start_time, check_timeouts).
+            conn.mod_time = self.clock()
+        elif status == BAD_SIZE:
+            log.dbg_printf(0, "invalid packet size (%d)", conn.want - HEADER_LEN)
+            self.epmd_conn_close(conn)
+        elif status == TOO_MUCH:
+            log.dbg_printf(0, "got %d bytes in packet, expected %d",
+                           conn.got - HEADER_LEN, conn.want - HEADER_LEN)
+            self.epmd_conn_close(conn)
 
     # -- requests -----------------------------------------------------------
 
@@ -2628,15 +2631,12 @@ class Epmd(Handover):
         if conn.out:
             conn.out += data
             return True
-        flags = DONTWAIT
-        if last and conn.one_read:
-            # The connection is closed right after this reply: let the FIN
-            # ride in the same segment.  Only when the request came in one
-            # read, as unread input turns the close into an RST that would
-            # drop data still held back.
-            flags |= MORE
+        # When the connection is closed right after this reply, let the FIN
+        # ride in the same segment (MSG_MORE).  Only when the request came
+        # in one read, as unread input turns the close into an RST that
+        # would drop data still held back.
         try:
-            sent = conn.sock.send(data, flags)
+            sent = conn.sock.send(data, DONTWAIT_MORE if last and conn.one_read else DONTWAIT)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as e:
