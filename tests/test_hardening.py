@@ -342,9 +342,9 @@ class Harness:
         if data:
             peer.sendall(data)
         for _ in range(8):
-            if self.e.conns.get(conn.fd) is not conn:
+            if conn.state is epmd.CLOSED:
                 return
-            self.e.do_read(conn)
+            self.e.handle(conn, epmd.READABLE)
 
     def check(self):
         e = self.e
