@@ -369,7 +369,7 @@ def verify_utf8(data):
     Source: OTP epmd_srv.c, verify_utf8.
     """
     try:
-        return len(data.decode("utf-8", "strict"))
+        return len(data.decode())      # UTF-8, strict: the defaults, which skip parsing arguments
     except UnicodeDecodeError:
         return -1
 
