@@ -54,7 +54,7 @@ C sources carry its name (epmd_srv.c unless said):
                                bump_creation, get_creation
     connections                the states READING/REPLYING/KEPT/CLOSED,
                                Connection (the want/got framing of do_read),
-                               accept, conn_local_peer_check
+                               conn_local_peer_check
     listening sockets          ListenAddress, parse_addresses,
                                open_listen_sockets (the part of run before
                                the loop), iter_proc_tcp_sockets (the
@@ -105,14 +105,22 @@ request path makes as few as it can:
     (for the rest of its request, to write its reply, or as a registered
     node) is registered with the selector;
   - accepted sockets stay blocking and every recv/send passes MSG_DONTWAIT,
-    which spares the fcntl() of non-blocking mode; accept() makes the plain
-    C socket type, whose methods need no Python frames (see accept);
+    which spares the fcntl() of non-blocking mode; do_accept makes the
+    plain C socket type, whose methods need no Python frames;
   - the last reply on a connection is sent with MSG_MORE, so the FIN of the
     close that follows rides in the same segment;
   - the NAMES body is joined once per change of the node table, and each
     node's PORT2_RESP is packed on its first lookup (NodeTable);
   - log arguments are formatted only when the level prints them, and the
     hexdump paths are guarded by the level.
+
+The rest is the interpreter's work, measured in instructions per
+PORT_PLEASE2_REQ (tests/profile_request.py --callgrind); what saved a
+noticeable part of it is commented where it is done:
+a connection answered at once kept out of the connection
+table (see the states), the clock read only while something is timed
+(run), the peer check done when it matters (Connection.local_peer), plain
+ints for socket flags.
 
 Where this file deliberately differs from OTP's daemon (the D numbers of
 README.md's and epmd(1)'s table of differences), the code says so with a
@@ -720,7 +728,7 @@ class NodeTable:
 
 # ---------------------------------------------------------------------------
 # Connections: the states, the input framing (OTP epmd_srv.c: the want/got
-# part of do_read), accept, conn_local_peer_check
+# part of do_read), conn_local_peer_check
 # ---------------------------------------------------------------------------
 
 # Results of Connection.take, the want/got framing of do_read.
@@ -835,25 +843,11 @@ class Connection:
         return COMPLETE if got == self.want else INCOMPLETE
 
 
-def accept(lsock, family):
-    """Accept a connection on *lsock*; return (socket, peer address).
-
-    The same as ``lsock.accept()``, minus what costs more CPU than the rest
-    of the accept: the conversions of family and type to enums, and the
-    Python-level socket class.  It takes the socket module's own
-    ``_accept`` (there since Python 3.3), and makes the plain C socket type
-    (``socket.SocketType``), whose recv, send and close need no Python
-    frames.  *family* is the listening socket's family as an int.
-    """
-    fd, peer = lsock._accept()
-    return socket.SocketType(family, SOCK_STREAM, 0, fd), peer
-
-
 MAPPED_LOOPBACK = "::ffff:127."      # D19: IPv4-mapped 127.0.0.0/8
 
 
 def conn_local_peer_check(sock, peer=None, family=None):
-    """Decide once, at accept, whether the peer of *sock* is on this host.
+    """Decide whether the peer of *sock* is on this host.
 
     *peer* is the address accept() returned (else getpeername() is asked),
     *family* the socket's address family (else the socket is asked).
@@ -1499,7 +1493,7 @@ def parse_handover_env(value):
 
 def adopt_socket(fd, blocking):
     """Return the socket object for inherited descriptor *fd*, no longer
-    inheritable; accepted sockets are of the plain C socket type, as accept()
+    inheritable; accepted sockets are of the plain C socket type, as do_accept
     makes them, and stay in blocking mode (MSG_DONTWAIT on every call)."""
     os.set_inheritable(fd, False)
     probe = socket.socket(fileno=fd)
@@ -2257,7 +2251,13 @@ class Epmd(Handover):
         Source: OTP epmd_srv.c, do_accept.
         """
         try:
-            sock, addr = accept(lsock, family)
+            # lsock.accept() minus what costs more CPU than the rest of the
+            # accept: the conversions of family and type to enums, and the
+            # Python-level socket class.  The socket module's own _accept
+            # (there since Python 3.3) gives the descriptor, made into the
+            # plain C socket type, whose recv, send and close need no
+            # Python frames.
+            fd, addr = lsock._accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
         except OSError as e:
@@ -2266,7 +2266,7 @@ class Epmd(Handover):
                 self.shed_connection(lsock)
             self.pause_accept()
             return
-        conn = self.conn_open(sock, addr, family)
+        conn = self.conn_open(socket.SocketType(family, SOCK_STREAM, 0, fd), addr, family)
         if conn is not None:
             self.handle(conn, EVENT_READ)
 
