@@ -1993,7 +1993,8 @@ class Epmd(Handover):
     Methods by role (C counterparts in epmd_srv.c unless said):
 
     - start-up: bind (the part of run before the loop), conn_limit
-    - the loop: run, handle (one connection's events), check_timeouts
+    - the loop: run, handle (one connection's events), internal_error
+      (what handle does when handling fails), check_timeouts
       (the end of run's loop), clock, epmd_cleanup_exit (epmd.c)
     - accepting: do_accept, conn_open, shed_connection, pause_accept and
       resume_accept (D2), open_spare
@@ -2163,9 +2164,14 @@ class Epmd(Handover):
             if conn.state is READING and not conn.events:
                 self.set_state(conn, READING)
         except Exception:  # one bad client never takes us down
-            self.log.dbg_printf(0, "internal error on file descriptor %d: %s",
-                                conn.fd, format_exc())
-            self.drop(conn)
+            self.internal_error(conn)
+
+    def internal_error(self, conn):
+        """Log the exception being handled, with its traceback, and close
+        *conn* (only), unregistering its node."""
+        self.log.dbg_printf(0, "internal error on file descriptor %d: %s",
+                            conn.fd, format_exc())
+        self.drop(conn)
 
     def check_timeouts(self):
         """Close the timed connections (READING, REPLYING) that brought no
@@ -2268,7 +2274,14 @@ class Epmd(Handover):
             return
         conn = self.conn_open(socket.SocketType(family, SOCK_STREAM, 0, fd), addr, family)
         if conn is not None:
-            self.handle(conn, EVENT_READ)
+            # handle(conn, EVENT_READ) without its tests for the other
+            # events, which a new connection cannot have: 3% of a request
+            try:
+                self.do_read(conn)
+                if conn.state is READING:   # the rest of its request is due
+                    self.set_state(conn, READING)
+            except Exception:  # one bad client never takes us down
+                self.internal_error(conn)
 
     def shed_connection(self, lsock):
         """Accept and close one waiting connection using the spare fd (D2)."""
