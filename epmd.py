@@ -2361,16 +2361,15 @@ class Epmd(Handover):
         conn.state = state
         fd = conn.fd
         if state is CLOSED:
-            self.conns.pop(fd, None)
-            self.pending.pop(fd, None)
+            if self.conns.pop(fd, None) is not None:   # it has waited
+                self.pending.pop(fd, None)
+                if conn.events:
+                    self.unwatch(conn.sock)
+                    conn.events = 0
+                conn.buf = conn.out = b""
             if self.log.level >= 2:
                 self.log.dbg_tty_printf(2, "closing connection on file descriptor %d", fd)
-            if conn.events:
-                self.unwatch(conn.sock)
-                conn.events = 0
             conn.sock.close()
-            conn.buf = b""
-            conn.out = b""
             return
         self.conns[fd] = conn
         if state is KEPT:
