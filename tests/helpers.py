@@ -440,11 +440,17 @@ def proc_fds(pid):
     return len(os.listdir("/proc/%d/fd" % pid))
 
 
-def proc_cpu(pid):
-    """User + system CPU seconds of process *pid*."""
+def proc_cpu_split(pid):
+    """(user, system) CPU seconds of process *pid*."""
     with open("/proc/%d/stat" % pid) as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tck = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tck, int(fields[12]) / tck
+
+
+def proc_cpu(pid):
+    """User + system CPU seconds of process *pid*."""
+    return sum(proc_cpu_split(pid))
 
 
 def proc_rss_kb(pid):
@@ -979,15 +985,16 @@ def run_requests(port, requests, conc=0, start_at=None, spread=0.0, check=None,
     At most *conc* connections are open at once (0: no limit); the
     connections start at time.time() *start_at* (default now), spread evenly
     over *spread* seconds.  A request is answered when a reply arrives and the
-    daemon closes (or, with *keep*, as soon as any reply bytes arrive: for
-    ALIVE2_REQ, whose connection stays open; the sockets are then returned
-    open).  *check(i, reply)* says whether reply i is right (default: any
-    non-empty reply).  Gives up on whatever is still open *timeout* seconds
-    after the start.
+    daemon closes; for the requests whose index is in *keep* (True: all), as
+    soon as any reply bytes arrive: for ALIVE2_REQ, whose connection stays
+    open; those sockets are returned open.  *check(i, reply)* says whether
+    reply i is right (default: any non-empty reply).  Gives up on whatever
+    is still open *timeout* seconds after the start.
 
     Returns a dict: ok, failed (refused, reset, closed without a reply, timed
     out), bad (a reply check() refused), t_last (time.time() of the last
-    reply), held (the open sockets, with *keep*).
+    reply), t_started (time.time() when the last connection was started),
+    held (the sockets kept open).
     """
     import selectors
     sel = selectors.DefaultSelector()
@@ -995,9 +1002,18 @@ def run_requests(port, requests, conc=0, start_at=None, spread=0.0, check=None,
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     start_at = time.time() if start_at is None else start_at
     step = spread / len(requests) if requests else 0.0
-    out = {"ok": 0, "failed": 0, "bad": 0, "t_last": None, "held": []}
+    out = {"ok": 0, "failed": 0, "bad": 0, "t_last": None, "t_started": None, "held": []}
+    if keep is True:
+        keep = range(len(requests))
+    keep = frozenset(keep or ())
     pending = 0                     # index of the next request to start
     open_ = 0
+    # without a limit on open connections, the sockets are made before the
+    # start, so that starting one costs only its connect and send
+    ready = [socket.socket(family, socket.SOCK_STREAM) for _ in requests] if not conc else []
+    for s in ready:
+        s.setblocking(False)
+    ready.reverse()
     while time.time() < start_at:
         time.sleep(0.0005)
     deadline = start_at + timeout
@@ -1015,7 +1031,7 @@ def run_requests(port, requests, conc=0, start_at=None, spread=0.0, check=None,
             out["ok"] += 1
         else:
             out["bad"] += 1
-        if keep:
+        if i in keep:
             out["held"].append(s)
         else:
             s.close()
@@ -1026,8 +1042,11 @@ def run_requests(port, requests, conc=0, start_at=None, spread=0.0, check=None,
             break
         while pending < len(requests) and (not conc or open_ < conc) \
                 and start_at + pending * step <= now:
-            s = socket.socket(family, socket.SOCK_STREAM)
-            s.setblocking(False)
+            if ready:
+                s = ready.pop()
+            else:
+                s = socket.socket(family, socket.SOCK_STREAM)
+                s.setblocking(False)
             err = s.connect_ex(addr)
             if err not in (0, errno.EINPROGRESS):
                 s.close()
@@ -1046,6 +1065,7 @@ def run_requests(port, requests, conc=0, start_at=None, spread=0.0, check=None,
                 sel.register(s, selectors.EVENT_WRITE, [pending, None])
             open_ += 1
             pending += 1
+            out["t_started"] = time.time()
         wait = 0.05
         if pending < len(requests) and (not conc or open_ < conc):
             wait = max(0.0, min(wait, start_at + pending * step - time.time()))
@@ -1070,13 +1090,15 @@ def run_requests(port, requests, conc=0, start_at=None, spread=0.0, check=None,
                 data = b""
             if data:
                 chunks.append(data)
-                if keep:
+                if i in keep:
                     finish(s, i, b"".join(chunks))
                 continue
             finish(s, i, b"".join(chunks) if chunks else None)
     for key in list(sel.get_map().values()):
         key.fileobj.close()
         out["failed"] += 1
+    for s in ready:
+        s.close()
     out["failed"] += len(requests) - pending
     sel.close()
     return out
