@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Profile epmd.py's common request: PORT_PLEASE2_REQ, from wake-up to close.
 
-    python3 tests/profile_request.py [--n N] [--conc C] [--top K]
-    python3 tests/profile_request.py --callgrind [--n N] [--conc C]
+    python3 tests/profile_request.py [--n N] [--conc C] [--top K] [--epmd PATH]
+    python3 tests/profile_request.py --callgrind [--n N] [--conc C] [--epmd PATH]
+
+--epmd profiles another copy of epmd.py (an older version, to compare).
 
 Default (cProfile): an Epmd runs in this process, on a free loopback port,
 under cProfile, from its first select() to KILL_REQ.  A client process (this
@@ -38,8 +40,6 @@ import helpers
 from helpers import frame, free_port
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-import epmd  # noqa: E402
 
 NODE = "prof"
 NODE_PORT = 4242
@@ -88,7 +88,17 @@ def check_client(proc, n):
     return out
 
 
-def profile(n, conc, top):
+def load_epmd(path):
+    """Import the epmd.py at *path* as a module."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("epmd", str(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def profile(n, conc, top, path):
+    epmd = load_epmd(path)
     port = free_port()
     e = epmd.Epmd(port=port, addresses="127.0.0.1", log=epmd.DebugLog(0))
     e.bind()
@@ -120,11 +130,11 @@ def profile(n, conc, top):
     print("# function calls per request (functions called >= N/2 times): %.1f" % (calls / n))
 
 
-def callgrind_run(n, conc, tmp):
+def callgrind_run(n, conc, tmp, path=helpers.EPMD_PY):
     port = free_port()
     outfile = os.path.join(tmp, "cg.%d" % n)
     argv = ["valgrind", "--tool=callgrind", "--callgrind-out-file=" + outfile,
-            sys.executable, str(helpers.EPMD_PY), "-port", str(port), "-address", "127.0.0.1"]
+            sys.executable, str(path), "-port", str(port), "-address", "127.0.0.1"]
     d = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, env=helpers.base_env(), preexec_fn=lambda: pin(0))
     try:
@@ -146,12 +156,12 @@ def callgrind_run(n, conc, tmp):
     sys.exit("no totals in " + outfile)
 
 
-def callgrind(n, conc):
+def callgrind(n, conc, path):
     with tempfile.TemporaryDirectory() as tmp:
-        i1 = callgrind_run(n, conc, tmp)
-        i2 = callgrind_run(2 * n, conc, tmp)
-    print("# callgrind, epmd.py daemon, PORT_PLEASE2_REQ, %d at a time, Python %s"
-          % (conc, sys.version.split()[0]))
+        i1 = callgrind_run(n, conc, tmp, path)
+        i2 = callgrind_run(2 * n, conc, tmp, path)
+    print("# callgrind, %s daemon, PORT_PLEASE2_REQ, %d at a time, Python %s"
+          % (path, conc, sys.version.split()[0]))
     print("instructions: %d requests %d, %d requests %d; per request %.0f"
           % (n, i1, 2 * n, i2, (i2 - i1) / n))
 
@@ -166,11 +176,12 @@ def main(argv):
     ap.add_argument("--conc", type=int, default=1)
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--callgrind", action="store_true")
+    ap.add_argument("--epmd", type=Path, default=helpers.EPMD_PY)
     a = ap.parse_args(argv)
     if a.callgrind:
-        callgrind(a.n, a.conc)
+        callgrind(a.n, a.conc, a.epmd.resolve())
     else:
-        profile(a.n, a.conc, a.top)
+        profile(a.n, a.conc, a.top, a.epmd.resolve())
     return 0
 
 
