@@ -20,7 +20,8 @@ select() returns.
 --callgrind: the daemon runs as its own process (python3 epmd.py) under
 ``valgrind --tool=callgrind``, once with N and once with 2N requests; the
 difference of the instructions executed, divided by N, is the daemon's user
-space instructions per request, independent of the machine's load.
+space instructions per request, independent of the machine's load (and,
+with PYTHONHASHSEED=0, of the interpreter's hash seed).
 Standard library and helpers.py only.
 """
 
@@ -136,7 +137,8 @@ def callgrind_run(n, conc, tmp, path=helpers.EPMD_PY):
     argv = ["valgrind", "--tool=callgrind", "--callgrind-out-file=" + outfile,
             sys.executable, str(path), "-port", str(port), "-address", "127.0.0.1"]
     d = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, env=helpers.base_env(), preexec_fn=lambda: pin(0))
+                         stderr=subprocess.DEVNULL, env=helpers.base_env(PYTHONHASHSEED="0"),
+                         preexec_fn=lambda: pin(0))
     try:
         if not helpers.wait_until(lambda: helpers.names_or_none(port) is not None, 60, 0.2):
             sys.exit("the daemon under valgrind did not start")
