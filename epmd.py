@@ -804,6 +804,7 @@ class Connection:
         local = self.local
         if local is None:
             local = self.local = conn_local_peer_check(self.sock, self.peer)
+            self.peer = None        # not kept for the life of a registered node
         return local
 
     @local_peer.setter
@@ -2330,6 +2331,7 @@ class Epmd(Handover):
         active = len(self.conns)
         if active >= self.max_conn - self.local_reserve or log.level >= 2:
             local = conn_local_peer_check(sock, peer, family)
+            peer = None             # decided: not kept
             if active >= self.max_conn or (not local and active >= self.max_conn - self.local_reserve):
                 log.dbg_tty_printf(0, "failed opening connection on file descriptor %d", fd)
                 sock.close()
