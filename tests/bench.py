@@ -24,8 +24,10 @@ Figures:
   startup  process start to accepting connections, median
   burst    500 registrations and 5,000 PORT_PLEASE2 requests started within
            100 ms by BURST_WORKERS processes (not pinned: a burst takes the
-           whole machine): seconds until the last reply is in, requests
-           without a (right) reply, and the daemon's peak RSS (VmHWM)
+           whole machine): seconds until the last reply is in (a SYN the
+           kernel drops in the rush adds its 1 s retransmission) and until
+           99% are, requests without a (right) reply, and the daemon's peak
+           RSS (VmHWM)
 """
 
 import argparse
@@ -383,8 +385,10 @@ def fig_burst(impl, a):
                  for i in range(BURST_WORKERS)]
         results = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
         hwm = proc_hwm_kb(d.proc.pid)
-        answered = [r["t_last"] for r in results if r["t_last"]]
-        return {"burst_s": max(answered) - start_at if answered else float("nan"),
+        answered = sorted(t for r in results for t in r["t_replies"])
+        return {"burst_s": answered[-1] - start_at if answered else float("nan"),
+                "burst_p99_s": (answered[int(0.99 * (len(answered) - 1))] - start_at
+                                if answered else float("nan")),
                 "burst_failed": sum(r["failed"] + r["bad"] for r in results),
                 "burst_started_s": max(r["t_started"] or start_at for r in results) - start_at,
                 "burst_hwm_kb": hwm}
@@ -410,6 +414,7 @@ ROWS = [
     ("mem_kb", "daemon RSS kB per registered node (10,000 nodes)", ("abs_le", 1.0)),
     ("startup_ms", "start-up ms, process start to serving, median", ("abs_le", 60.0)),
     ("burst_s", "burst: s until every reply is in (500 reg + 5,000 PORT_PLEASE2)", ("burst", 1.5)),
+    ("burst_p99_s", "  s until 99% of the replies are in", None),
     ("burst_failed", "  requests without a right reply", ("abs_le", 0)),
     ("burst_started_s", "  s over which the load processes started them", None),
     ("burst_hwm_kb", "  daemon peak RSS kB (VmHWM)", None),

@@ -993,8 +993,9 @@ def run_requests(port, requests, conc=0, start_at=None, spread=0.0, check=None,
 
     Returns a dict: ok, failed (refused, reset, closed without a reply, timed
     out), bad (a reply check() refused), t_last (time.time() of the last
-    reply), t_started (time.time() when the last connection was started),
-    held (the sockets kept open).
+    reply), t_replies (time.time() of every reply, in order), t_started
+    (time.time() when the last connection was started), held (the sockets
+    kept open).
     """
     import selectors
     sel = selectors.DefaultSelector()
@@ -1002,7 +1003,8 @@ def run_requests(port, requests, conc=0, start_at=None, spread=0.0, check=None,
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     start_at = time.time() if start_at is None else start_at
     step = spread / len(requests) if requests else 0.0
-    out = {"ok": 0, "failed": 0, "bad": 0, "t_last": None, "t_started": None, "held": []}
+    out = {"ok": 0, "failed": 0, "bad": 0, "t_last": None, "t_replies": [], "t_started": None,
+           "held": []}
     if keep is True:
         keep = range(len(requests))
     keep = frozenset(keep or ())
@@ -1027,6 +1029,7 @@ def run_requests(port, requests, conc=0, start_at=None, spread=0.0, check=None,
             s.close()
             return
         out["t_last"] = time.time()
+        out["t_replies"].append(out["t_last"])
         if check is None or check(i, reply):
             out["ok"] += 1
         else:
