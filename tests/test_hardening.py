@@ -344,7 +344,7 @@ class Harness:
         for _ in range(8):
             if conn.state is epmd.CLOSED:
                 return
-            self.e.handle(conn, epmd.READABLE)
+            self.e.handle(conn, epmd.EVENT_READ)
 
     def check(self):
         e = self.e

@@ -222,6 +222,25 @@ def test_reregistration_bumps():
     assert b"a" not in t.unreg
 
 
+def test_port2_replies_cached_per_payload_until_a_node_leaves():
+    """NodeTable.asked keeps the PORT2_RESP of each answered payload of a
+    registered node (at most two per node: with and without the trailing
+    NUL), never of an unknown name, and is emptied when any node leaves."""
+    t = epmd.NodeTable(quiet_log(), clock=Clock(1000))
+    ca, a = reg(t, b"a", port=4100)
+    reg(t, b"b", port=4200)
+    old = t.port2_resp(b"a", b"za")
+    assert old == epmd.pack_port2_resp(a)
+    assert t.port2_resp(b"a", b"za\0") is t.asked[b"za"]
+    assert t.port2_resp(b"b", b"zb") is not None
+    assert t.port2_resp(b"nobody", b"znobody") is None
+    assert sorted(t.asked) == [b"za", b"za\0", b"zb"]
+    t.node_unreg_sock(ca)
+    assert t.asked == {}
+    _, a2 = reg(t, b"a", fd=6, port=4300)
+    assert t.port2_resp(b"a", b"za") == epmd.pack_port2_resp(a2) != old
+
+
 def test_duplicate_and_refusals():
     t = epmd.NodeTable(quiet_log(), clock=Clock(1000))
     reg(t, b"a")

@@ -301,6 +301,27 @@ def test_port2_echoes_every_field(epmd):
     s.close()
 
 
+def test_port2_answer_follows_the_table(epmd):
+    """The same PORT_PLEASE2_REQ, with and without its trailing NUL, asked
+    again and again while its node registers, leaves and registers anew
+    with other fields: each answer is the table's at that moment, never an
+    earlier one (epmd.py keeps answered payloads' replies, NodeTable.asked).
+    Source: OTP epmd_srv.c, do_request (PORT_PLEASE2_REQ), node_unreg_sock.
+    """
+    def lookup(nul):
+        return port2(epmd.port, "again", b"\0" if nul else b"")
+
+    for rnd, (port, extra) in enumerate([(4100, b""), (4200, b"x\0y"), (4300, b"")]):
+        s, _ = register(epmd.port, "again", port=port, extra=extra)
+        want = (b"w\x00" + struct.pack(">HBBHHH", port, 77, 0, 6, 5, 5) + b"again"
+                + U16.pack(len(extra)) + extra)
+        for nul in (False, True, False, True):
+            assert lookup(nul) == want, (rnd, nul)
+        s.close()
+        assert wait_until(lambda: lookup(rnd % 2 == 0) == b"w\x01")
+        assert lookup(False) == b"w\x01" and lookup(True) == b"w\x01"
+
+
 def test_port2_unknown(epmd):
     """An unknown name gets exactly ``w`` 1.
 
