@@ -773,20 +773,21 @@ class Connection:
     """One accepted TCP connection: its state, input buffer and output.
 
     ``state`` is one of READING, REPLYING, KEPT, CLOSED (see the table
-    above), changed only by Epmd.set_state.  ``buf`` holds the bytes of
-    the packet read so far (at most INBUF_SIZE), ``want`` the packet's
-    total size with its HEADER_LEN-byte header once known (0 before).
-    ``mod_time`` is the last activity: the accept (its first wait, in the
-    wake-up of the accept), every read that brought bytes, then the start
-    of the reply (as OTP's); ``start_time`` the accept, from which the whole request must arrive within
-    REQUEST_TIME_CAP packet time-outs (D13; both in integer seconds of the
-    monotonic clock).  ``node`` is the Node this connection registered, set
-    and cleared by NodeTable only.  ``out`` holds reply bytes the socket
-    could not take yet.  ``one_read`` is true when the request arrived in
-    one read, so that read left nothing unread.  ``events`` are the
-    selector events it is registered for (0: not registered).  ``peer``
-    is the address accept() returned (or None), and ``local`` the verdict
-    of conn_local_peer_check, None until local_peer first asks for it.
+    above), changed only by Epmd.set_state.  ``buf`` holds the bytes of the
+    packet read so far (at most INBUF_SIZE), ``want`` the packet's total
+    size with its HEADER_LEN-byte header once known (0 before).  ``mod_time``
+    is the last activity: the accept (its first wait, in the wake-up of the
+    accept), every read that brought bytes, then the start of the reply (as
+    OTP's); ``start_time`` the accept, from which the whole request must
+    arrive within REQUEST_TIME_CAP packet time-outs (D13; both in integer
+    seconds of the monotonic clock).  ``node`` is the Node this connection
+    registered, set and cleared by NodeTable only.  ``out`` holds reply
+    bytes the socket could not take yet.  ``one_read`` is true when the
+    request arrived in one read, so that read left nothing unread.
+    ``events`` are the selector events it is registered for (0: not
+    registered).  ``peer`` is the address accept() returned (or None), and
+    ``local`` the verdict of conn_local_peer_check, None until local_peer
+    first asks for it.
     """
 
     __slots__ = ("sock", "fd", "local", "peer", "state", "want", "buf", "mod_time", "start_time",
