@@ -453,13 +453,24 @@ def proc_cpu(pid):
     return sum(proc_cpu_split(pid))
 
 
-def proc_rss_kb(pid):
-    """Resident set size of process *pid*, in kB."""
+def proc_status_kb(pid, field):
+    """The kB figure of *field* (e.g. "VmRSS", "VmHWM") in /proc/PID/status."""
+    prefix = field + ":"
     with open("/proc/%d/status" % pid) as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(prefix):
                 return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError("no %s for process %d" % (field, pid))
+
+
+def proc_rss_kb(pid):
+    """Resident set size of process *pid*, in kB."""
+    return proc_status_kb(pid, "VmRSS")
+
+
+def proc_hwm_kb(pid):
+    """Peak resident set size (VmHWM) of process *pid*, in kB."""
+    return proc_status_kb(pid, "VmHWM")
 
 
 # -- logs ---------------------------------------------------------------------
@@ -966,16 +977,9 @@ def measure_refusal_latency(port, name, count, rate=100.0, settle=0.5, fresh=Fal
         flood.terminate()
         out, _ = flood.communicate(30)
     return quiet, flooded, flood.pid
+
+
 # -- load ---------------------------------------------------------------------
-
-def proc_hwm_kb(pid):
-    """Peak resident set size (VmHWM) of process *pid*, in kB."""
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmHWM")
-
 
 def run_requests(port, requests, conc=0, start_at=None, spread=0.0, check=None,
                  host="127.0.0.1", timeout=30.0, keep=False):
