@@ -81,7 +81,8 @@ C sources carry its name (epmd_srv.c unless said):
 
 Our own names, without a C counterpart: Connection.take and set_state (the
 state machine that C spreads over its connection fields), handle (the body
-of run's loop for one connection), drop (node_unreg_sock followed by
+of run's loop for one connection), first_read (handle for a connection
+accepted in this wake-up), drop (node_unreg_sock followed by
 epmd_conn_close), clock (the monotonic clock for time-outs; C's
 current_time reads the wall clock), internal_error (what handle does
 when handling fails), and the D2 helpers shed_connection, pause_accept,
@@ -2010,7 +2011,8 @@ class Epmd(Handover):
     Methods by role (C counterparts in epmd_srv.c unless said):
 
     - start-up: bind (the part of run before the loop), conn_limit
-    - the loop: run, handle (one connection's events), internal_error
+    - the loop: run, handle (one connection's events), first_read (a new
+      connection's), internal_error
       (what handle does when handling fails), check_timeouts
       (the end of run's loop), clock, epmd_cleanup_exit (epmd.c)
     - accepting: do_accept, conn_open, shed_connection, pause_accept and
@@ -2104,7 +2106,7 @@ class Epmd(Handover):
     # and goes through the ready sockets in the order the selector gives:
     #   - a listening socket gets one accept (do_accept); the new connection
     #     is opened by conn_open and, since its request has usually arrived
-    #     already, read at once (handle), so most connections are answered
+    #     already, read at once (first_read), so most connections are answered
     #     and closed without ever being registered with the selector;
     #   - a connection gets handle(): do_write when its reply waits and the
     #     socket is writable, do_read when readable; do_read frames the
@@ -2168,17 +2170,27 @@ class Epmd(Handover):
             self.epmd_cleanup_exit()
 
     def handle(self, conn, mask):
-        """Write and/or read *conn* as *mask* says; a new connection left
-        waiting for the rest of its request then starts waiting (set_state
-        READING).  Any error closes this connection only, and is logged with
-        a traceback."""
+        """Write and/or read *conn*, a connection the selector watches, as
+        *mask* says.  Any error closes this connection only, and is logged
+        with a traceback."""
         try:
             if mask != EVENT_READ:  # not only readable (rare)
                 if mask & EVENT_WRITE and conn.out:
                     self.do_write(conn)
             if mask & EVENT_READ and conn.state is not CLOSED:
                 self.do_read(conn)
-            if conn.state is READING and not conn.events:
+        except Exception:  # one bad client never takes us down
+            self.internal_error(conn)
+
+    def first_read(self, conn):
+        """Read *conn*, accepted in this wake-up, at once; if the rest of its
+        request is still due, it starts waiting (set_state READING).  This is
+        handle(conn, EVENT_READ) without its tests for the events a new
+        connection cannot have (3% of a request).  Any error closes this
+        connection only, and is logged with a traceback."""
+        try:
+            self.do_read(conn)
+            if conn.state is READING:
                 self.set_state(conn, READING)
         except Exception:  # one bad client never takes us down
             self.internal_error(conn)
@@ -2291,14 +2303,7 @@ class Epmd(Handover):
             return
         conn = self.conn_open(socket.SocketType(family, SOCK_STREAM, 0, fd), addr, family)
         if conn is not None:
-            # handle(conn, EVENT_READ) without its tests for the other
-            # events, which a new connection cannot have: 3% of a request
-            try:
-                self.do_read(conn)
-                if conn.state is READING:   # the rest of its request is due
-                    self.set_state(conn, READING)
-            except Exception:  # one bad client never takes us down
-                self.internal_error(conn)
+            self.first_read(conn)
 
     def shed_connection(self, lsock):
         """Accept and close one waiting connection using the spare fd (D2)."""

@@ -344,7 +344,10 @@ class Harness:
         for _ in range(8):
             if conn.state is epmd.CLOSED:
                 return
-            self.e.handle(conn, epmd.EVENT_READ)
+            if conn.fd in self.e.conns:     # watched: the loop's handle()
+                self.e.handle(conn, epmd.EVENT_READ)
+            else:                           # new: do_accept's first read
+                self.e.first_read(conn)
 
     def check(self):
         e = self.e
