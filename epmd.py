@@ -67,7 +67,7 @@ C sources carry its name (epmd_srv.c unless said):
                                (handover_state, reexec, restore_handover,
                                fdstore_sync)
     server                     Epmd: run, handle, check_timeouts, do_accept,
-                               conn_open, set_state, epmd_conn_close, do_read,
+                               read_at_accept, conn_open, set_state, epmd_conn_close, do_read,
                                do_request and one do_*_req method per
                                request, reply, do_write, epmd_cleanup_exit
                                (epmd.c); its class docstring indexes them
@@ -82,7 +82,9 @@ C sources carry its name (epmd_srv.c unless said):
 Our own names, without a C counterpart: Connection.take and set_state (the
 state machine that C spreads over its connection fields), handle (the body
 of run's loop for one connection), first_read (handle for a connection
-accepted in this wake-up), drop (node_unreg_sock followed by
+accepted in this wake-up), read_at_accept (do_accept's first read at level
+0, which answers a PORT_PLEASE2_REQ asked before without making a
+Connection), drop (node_unreg_sock followed by
 epmd_conn_close), clock (the monotonic clock for time-outs; C's
 current_time reads the wall clock), internal_error (what handle does
 when handling fails), and the D2 helpers shed_connection, pause_accept,
@@ -111,24 +113,28 @@ request path makes as few as it can:
     plain C socket type, whose methods need no Python frames;
   - the last reply on a connection is sent with MSG_MORE, so the FIN of the
     close that follows rides in the same segment;
-  - the NAMES body is joined once per change of the node table, each
-    node's PORT2_RESP is packed on its first lookup, and a PORT_PLEASE2_REQ
-    payload seen before for a registered node finds its reply without its
-    name being parsed again (NodeTable.asked);
+  - the NAMES body is joined once per change of the node table, and each
+    node's PORT2_RESP is packed on its first lookup;
   - log arguments are formatted only when the level prints them, and the
     hexdump paths are guarded by the level.
 
 The rest is the interpreter's work, measured in instructions per
-PORT_PLEASE2_REQ (tests/profile_request.py --callgrind); what saved a
-noticeable part of it is commented where it is done: a connection
-answered at once kept out of the connection table (see the states), the
-clock read only while something is timed (run), the peer check done when
-it matters (Connection.local_peer), plain ints for socket flags.  The
-loop stays on the selectors module: polling epoll directly would save
-another 5,700 instructions (15%) per request, at the price of the shape
-this file keeps.  One accept per wake-up, as OTP: accepting every
-connection that waits (their number from TCP_INFO) saved 7% of the CPU at
-32 clients but cost 17% more instructions per request one at a time.
+PORT_PLEASE2_REQ (tests/profile_request.py --callgrind).  The most of it
+goes where a running cluster asks most: at level 0, a PORT_PLEASE2_REQ
+packet answered before for a node still registered, arriving whole in the
+read after its accept, finds its reply in NodeTable.asked and is answered
+and closed before it becomes a Connection (read_at_accept: 35,300 ->
+21,500 instructions); the wire and the log are the same as on the general
+path, which every other request takes.  On that path, what saved a
+noticeable part is commented where it is done: a connection answered at
+once kept out of the connection table (see the states), the clock read
+only while something is timed (run), the peer check done when it matters
+(Connection.local_peer), plain ints for socket flags.  The loop stays on
+the selectors module: polling epoll directly would save another 5,700
+instructions per request, at the price of the shape this file keeps.
+One accept per wake-up, as OTP: accepting every connection that waits
+(their number from TCP_INFO) saved 7% of the CPU at 32 clients but cost
+17% more instructions per request one at a time.
 
 Where this file deliberately differs from OTP's daemon (the D numbers of
 README.md's and epmd(1)'s table of differences), the code says so with a
@@ -545,9 +551,10 @@ class NodeTable:
     node side of every link (Node.conn and Connection.node are set and
     cleared here only) and the caches derived from it: the NAMES body
     (``names``), each node's PORT2_RESP (``Node.resp``) and ``asked``, the
-    PORT2_RESP of each PORT_PLEASE2_REQ payload already answered for a
-    registered node (a payload with and without the trailing NUL: at most
-    two entries per node; emptied whenever a node leaves).  A name seen before
+    PORT2_RESP of each PORT_PLEASE2_REQ packet (u16 L and payload) already
+    answered for a registered node (a name with and without the trailing
+    NUL: at most two entries per node; emptied whenever a node leaves),
+    which Epmd.read_at_accept answers from.  A name seen before
     gets its old creation counter + 1 when it registers again.  D6: the
     unreg list never holds more than ``max_unreg + 1`` entries, the size at
     which OTP starts recycling its oldest entry for new names; OTP lets it
@@ -559,7 +566,7 @@ class NodeTable:
     def __init__(self, log, max_unreg=MAX_UNREG_COUNT, clock=time.time):
         self.names = None           # the NAMES_RESP lines, joined, until the next change
         self.serial = 0             # + 1 on every change (the fd store follows it)
-        self.asked = {}             # PORT_PLEASE2_REQ payload -> PORT2_RESP
+        self.asked = {}             # PORT_PLEASE2_REQ packet -> PORT2_RESP
         self.reg = {}
         self.unreg = {}
         self.max_unreg = max_unreg
@@ -713,7 +720,8 @@ class NodeTable:
     def port2_resp(self, name, payload=None):
         """Return the PORT2_RESP for *name*, or None when it is not
         registered; made once per registration and cached on its Node, and
-        in ``asked`` under *payload*, the PORT_PLEASE2_REQ that asked."""
+        in ``asked`` under the packet of *payload*, the PORT_PLEASE2_REQ
+        that asked (its u16 length L, then the payload)."""
         node = self.reg.get(name)
         if node is None:
             return None
@@ -721,7 +729,7 @@ class NodeTable:
         if resp is None:
             resp = node.resp = pack_port2_resp(node)
         if payload is not None:
-            self.asked[payload] = resp
+            self.asked[U16.pack(len(payload)) + payload] = resp
         return resp
 
     def names_lines(self):
@@ -766,7 +774,9 @@ INCOMPLETE, COMPLETE, BAD_SIZE, TOO_MUCH = range(4)
 # wait: for the rest of its request (set_state to READING), to write its
 # reply (REPLYING), or as a registered node (KEPT).  One answered and closed
 # in the wake-up that accepted it, the common case, never does: that spares
-# it two table entries and a clock read, 6% of a PORT_PLEASE2_REQ.
+# it two table entries and a clock read, 6% of a PORT_PLEASE2_REQ.  At level
+# 0, a PORT_PLEASE2_REQ answered before is answered without even becoming a
+# Connection (Epmd.read_at_accept).
 READING, REPLYING, KEPT, CLOSED = "reading", "replying", "kept", "closed"
 
 
@@ -2015,7 +2025,8 @@ class Epmd(Handover):
       connection's), internal_error
       (what handle does when handling fails), check_timeouts
       (the end of run's loop), clock, epmd_cleanup_exit (epmd.c)
-    - accepting: do_accept, conn_open, shed_connection, pause_accept and
+    - accepting: do_accept, read_at_accept (a new connection's first read
+      at level 0), conn_open, shed_connection, pause_accept and
       resume_accept (D2), open_spare
     - connection state: set_state (the one place a state changes), watch,
       epmd_conn_close, drop (node_unreg_sock + epmd_conn_close)
@@ -2039,6 +2050,9 @@ class Epmd(Handover):
         self.log = log = log if log is not None else DebugLog()
         max_unreg = DEBUG_MAX_UNREG_COUNT if log.level else MAX_UNREG_COUNT
         self.nodes = NodeTable(log, max_unreg)
+        # Nothing of an accepted connection is logged or delayed: do_accept
+        # may answer it before it becomes a Connection (read_at_accept).
+        self.quiet = not log.level and not delay_write
         self.conns = {}             # fd -> Connection, every open one
         self.pending = {}           # fd -> Connection READING or REPLYING (timed)
         self.listeners = []
@@ -2182,14 +2196,15 @@ class Epmd(Handover):
         except Exception:  # one bad client never takes us down
             self.internal_error(conn)
 
-    def first_read(self, conn):
-        """Read *conn*, accepted in this wake-up, at once; if the rest of its
-        request is still due, it starts waiting (set_state READING).  This is
+    def first_read(self, conn, data=None):
+        """Read *conn*, accepted in this wake-up, at once (or take *data*,
+        the bytes read_at_accept read from it); if the rest of its request
+        is still due, it starts waiting (set_state READING).  This is
         handle(conn, EVENT_READ) without its tests for the events a new
         connection cannot have (3% of a request).  Any error closes this
         connection only, and is logged with a traceback."""
         try:
-            self.do_read(conn)
+            self.do_read(conn, data)
             if conn.state is READING:
                 self.set_state(conn, READING)
         except Exception:  # one bad client never takes us down
@@ -2301,9 +2316,62 @@ class Epmd(Handover):
                 self.shed_connection(lsock)
             self.pause_accept()
             return
-        conn = self.conn_open(socket.SocketType(family, SOCK_STREAM, 0, fd), addr, family)
+        sock = socket.SocketType(family, SOCK_STREAM, 0, fd)
+        if self.quiet and len(self.conns) < self.max_conn - self.local_reserve:
+            self.read_at_accept(sock, addr, family)
+            return
+        conn = self.conn_open(sock, addr, family)
         if conn is not None:
             self.first_read(conn)
+
+    def read_at_accept(self, sock, addr, family):
+        """do_accept's first read of *sock* (accepted from *addr*, of
+        address *family*) when nothing of the connection is logged: at
+        level 0, without -delay_write, and with room in the connection
+        table for any peer, so that conn_open would open it and say nothing.
+
+        A PORT_PLEASE2_REQ that came whole in this read, and was answered
+        before for a node still registered, finds its reply in
+        NodeTable.asked (keyed by the whole packet): it is sent (with
+        MSG_MORE, as reply() does after a request read in one go) and the
+        socket closed, without a Connection ever being made.  That is the
+        common request of a running cluster, and it skips 40% of the
+        interpreter's work per request (callgrind: 35,300 -> 21,500
+        instructions): the Connection, conn_open, do_read, do_request,
+        do_port2_req, reply and set_state.  Anything else goes on as
+        conn_open and first_read would have, with the bytes read; nothing
+        yet, and it waits.  Errors are logged as do_read and reply log
+        them.  The wire and the log are the same either way.
+        """
+        try:
+            data = sock.recv(FIRST_READ_SIZE, DONTWAIT)
+        except (BlockingIOError, InterruptedError):    # nothing yet: it waits
+            self.set_state(self.conn_open(sock, addr, family), READING)
+            return
+        except OSError as e:                            # as do_read
+            self.log.dbg_perror(e, "error in read")
+            sock.close()
+            return
+        resp = self.nodes.asked.get(data)
+        if resp is None:
+            self.first_read(self.conn_open(sock, addr, family), data)
+            return
+        try:
+            sent = sock.send(resp, DONTWAIT_MORE)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as e:                            # as reply: the peer is gone
+            self.log.dbg_perror(e, "error in write, errno=%d", e.errno or 0)
+            sock.close()
+            return
+        if sent == len(resp):
+            sock.close()
+            return
+        # The socket took only part of it (memory pressure): the rest waits
+        # in a Connection, as reply() leaves it.
+        conn = self.conn_open(sock, addr, family)
+        conn.out = resp[sent:]
+        self.set_state(conn, REPLYING)
 
     def shed_connection(self, lsock):
         """Accept and close one waiting connection using the spare fd (D2)."""
@@ -2434,8 +2502,9 @@ class Epmd(Handover):
 
     # -- reading ------------------------------------------------------------
 
-    def do_read(self, conn):
-        """Read what *conn* has; run the request once the packet is complete.
+    def do_read(self, conn, data=None):
+        """Read what *conn* has (or take *data*, read already: b"" at end of
+        file); run the request once the packet is complete.
 
         A KEPT connection that becomes readable, whether by EOF, an error
         or any data, unregisters its node and is closed.  Otherwise the
@@ -2461,14 +2530,15 @@ class Epmd(Handover):
                 log.dbg_print_buf(data)
             self.drop(conn)
             return
-        try:
-            data = conn.sock.recv(conn.read_size(), DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            log.dbg_perror(e, "error in read")
-            self.epmd_conn_close(conn)
-            return
+        if data is None:
+            try:
+                data = conn.sock.recv(conn.read_size(), DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.dbg_perror(e, "error in read")
+                self.epmd_conn_close(conn)
+                return
         if not data:
             log.dbg_printf(0, "got partial packet only on file descriptor %d (%d)",
                            conn.fd, conn.got)
@@ -2560,19 +2630,13 @@ class Epmd(Handover):
 
     def do_port2_req(self, conn, payload):
         """PORT_PLEASE2_REQ: answer PORT2_RESP with the node's fields, or
-        'w' 1 when the name is not registered.  Anyone may ask."""
+        'w' 1 when the name is not registered.  Anyone may ask.  (At level
+        0, a request answered before for a registered node is mostly
+        answered by read_at_accept, before it gets here.)"""
         log = self.log
         # The most frequent request: its level-1 lines are tested for
         # before the call, which costs more than the test.
-        if not log.level:
-            # The same payload answered before for a registered node: its
-            # reply, without parsing and checking the name again (a tenth
-            # of a request; NodeTable.asked).
-            resp = self.nodes.asked.get(payload)
-            if resp is not None:
-                self.reply(conn, (resp,))
-                return
-        else:
+        if log.level:
             log.dbg_printf(1, "** got PORT2_REQ")
         try:
             name = parse_port2_req(payload)

@@ -396,6 +396,222 @@ def test_request_handling_fuzz(inputs):
         h.close()
 
 
+# do_accept's first read at level 0 (Epmd.read_at_accept) must do what
+# conn_open and first_read do, only sooner for a PORT_PLEASE2_REQ answered
+# before.  Its peers here are socketpairs, as the Harness's.
+
+ASKED = [frame(b"zkeep0"), frame(b"zkeep1\0"), frame(b"zkeep2")]
+
+
+def primed_harness():
+    """A Harness whose three nodes were each asked for once (NodeTable.asked)."""
+    h = Harness()
+    for packet in ASKED:
+        conn, peer = h.open(True)
+        h.feed(conn, peer, packet)
+        assert peer.recv(64)[:2] == b"w\x00"
+        peer.close()
+    assert sorted(h.e.nodes.asked) == sorted(ASKED)
+    return h
+
+
+def log_since(h, start):
+    """The log lines written since offset *start*, without their time and
+    with descriptor numbers made N (the two paths' sockets differ)."""
+    import re
+    out = h.e.log.out.getvalue()[start:].decode("latin-1")
+    return [re.sub(r"descriptor \d+", "descriptor N", line.split(": ", 2)[-1])
+            for line in out.splitlines()]
+
+
+def new_connection(h, data, hang_up, at_accept):
+    """A new peer sends *data* (then hangs up if *hang_up*), and the daemon
+    takes it as do_accept would (read_at_accept, else conn_open and
+    first_read), then as its loop would until it closes.  Returns what the
+    peer got and the log lines."""
+    e = h.e
+    before = set(e.conns)
+    start = len(e.log.out.getvalue())
+    a, b = socket.socketpair()
+    b.settimeout(2)
+    if data:
+        b.sendall(data)
+    if hang_up:
+        b.shutdown(socket.SHUT_WR)
+    if at_accept:
+        e.read_at_accept(a, None, socket.AF_UNIX)
+    else:
+        conn = e.conn_open(a, None, socket.AF_UNIX)
+        e.first_read(conn)
+    waiting = [c for fd, c in e.conns.items() if fd not in before]
+    assert len(waiting) <= 1
+    if waiting:
+        if not hang_up:
+            b.shutdown(socket.SHUT_WR)
+        for _ in range(8):
+            if waiting[0].state is epmd.CLOSED:
+                break
+            e.handle(waiting[0], epmd.EVENT_READ)
+        assert waiting[0].state is epmd.CLOSED
+    got = read_to_eof(b)
+    b.close()
+    h.check()
+    return got, log_since(h, start)
+
+
+def packets_around_asked():
+    """Asked packets as they are, cut, extended, with another length, two in
+    one write; and any bytes."""
+    asked = st.sampled_from(ASKED)
+    return st.one_of(
+        asked,
+        st.tuples(asked, st.integers(0, 12)).map(lambda t: t[0][:t[1]]),
+        st.tuples(asked, st.binary(min_size=1, max_size=8)).map(lambda t: t[0] + t[1]),
+        st.tuples(asked, st.integers(0, 0xFFFF)).map(lambda t: U16.pack(t[1]) + t[0][2:]),
+        asked.map(lambda p: p + p),
+        st.binary(max_size=24).filter(lambda d: d[2:3] != b"x"),
+    )
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.tuples(packets_around_asked(), st.booleans()), min_size=1, max_size=8))
+def test_read_at_accept_is_conn_open_and_first_read(inputs):
+    """Differential: packets around the ones answered before, each sent by a
+    new peer to two daemons with the same table, one taking it through
+    read_at_accept and the other through conn_open and first_read: the
+    peer gets the same bytes and the log says the same, every time."""
+    fast, general = primed_harness(), primed_harness()
+    try:
+        for data, hang_up in inputs:
+            assert (new_connection(fast, data, hang_up, True)
+                    == new_connection(general, data, hang_up, False)), data
+        assert len(fast.e.conns) == len(general.e.conns) == len(fast.keep)
+    finally:
+        fast.close()
+        general.close()
+
+
+def test_read_at_accept_answers_asked_without_a_connection(monkeypatch):
+    """A PORT_PLEASE2_REQ answered before, arriving whole, is answered from
+    NodeTable.asked: no name parsed, no Connection made; one not answered
+    before takes the general path and is kept in ``asked`` from then on."""
+    h = primed_harness()
+    e = h.e
+    try:
+        want = {}
+        for packet in ASKED:
+            want[packet] = new_connection(h, packet, False, True)[0]
+            assert want[packet][:4] == b"w\x00" + U16.pack(7000 + int(packet[7:8]))
+
+        def no_parse(payload, max_chars=0):
+            raise AssertionError("parsed again")
+
+        monkeypatch.setattr(epmd, "parse_port2_req", no_parse)
+        monkeypatch.setattr(e, "conn_open", lambda *a: pytest.fail("a Connection made"))
+        for packet in ASKED:
+            assert new_connection(h, packet, False, True) == (want[packet], [])
+        monkeypatch.undo()
+        fresh = frame(b"zkeep0\0")
+        assert fresh not in e.nodes.asked
+        assert new_connection(h, fresh, False, True) == (want[ASKED[0]], [])
+        assert e.nodes.asked[fresh] == want[ASKED[0]]
+    finally:
+        h.close()
+
+
+class _Flaky(socket.socket):
+    """A socketpair end whose recv or send fails, or whose send takes only
+    three bytes (as under TCP memory pressure)."""
+    recv_error = send_error = None
+    short_send = False
+
+    def recv(self, n, flags=0):
+        if self.recv_error:
+            raise self.recv_error
+        return super().recv(n, flags)
+
+    def send(self, data, flags=0):
+        if self.send_error:
+            raise self.send_error
+        return super().send(data[:3] if self.short_send else data, flags)
+
+
+def flaky_pair(data, **kw):
+    a, b = socket.socketpair()
+    s = _Flaky(fileno=a.detach())
+    for k, v in kw.items():
+        setattr(s, k, v)
+    b.settimeout(2)
+    b.sendall(data)
+    return s, b
+
+
+def test_read_at_accept_errors_and_short_send():
+    """read_at_accept's own reads and writes fail as do_read's and reply's
+    do: logged the same way and closed; a reply the socket takes only part
+    of waits in a REPLYING Connection, whose do_write finishes it."""
+    h = primed_harness()
+    e = h.e
+    try:
+        start = len(e.log.out.getvalue())
+        s, b = flaky_pair(ASKED[0], recv_error=ConnectionResetError(104, "Connection reset by peer"))
+        e.read_at_accept(s, None, socket.AF_UNIX)
+        assert s.fileno() == -1 and read_to_eof(b) == b""
+        assert log_since(h, start) == ["error in read: Connection reset by peer"]
+
+        start = len(e.log.out.getvalue())
+        s, b = flaky_pair(ASKED[0], send_error=BrokenPipeError(32, "Broken pipe"))
+        e.read_at_accept(s, None, socket.AF_UNIX)
+        assert s.fileno() == -1 and read_to_eof(b) == b""
+        assert log_since(h, start) == ["error in write, errno=32: Broken pipe"]
+
+        want = new_connection(h, ASKED[0], False, True)[0]
+        s, b = flaky_pair(ASKED[0], short_send=True)
+        e.read_at_accept(s, None, socket.AF_UNIX)
+        conn = e.conns[s.fileno()]
+        assert conn.state is epmd.REPLYING and conn.out == want[3:] and s.fileno() in e.pending
+        s.short_send = False
+        e.handle(conn, epmd.EVENT_WRITE)
+        assert conn.state is epmd.CLOSED and read_to_eof(b) == want
+        h.check()
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("level,delay_write,room,at_accept", [
+    (0, 0, True, True),
+    (1, 0, True, False),
+    (0, 1, True, False),
+    (0, 0, False, False),
+])
+def test_do_accept_reads_at_accept_only_when_quiet_with_room(monkeypatch, level, delay_write,
+                                                             room, at_accept):
+    """do_accept hands a new connection to read_at_accept only where that
+    changes nothing: at level 0, without -delay_write, while any peer may
+    still open one (conn_open would neither refuse nor log it)."""
+    import io
+    import selectors
+    e = epmd.Epmd(port=4369, delay_write=delay_write, log=epmd.DebugLog(level, out=io.BytesIO()))
+    e.sel = selectors.DefaultSelector()
+    e.max_conn, e.local_reserve = 10, 2
+    if not room:
+        e.conns = {-1 - i: None for i in range(8)}
+    taken = []
+    monkeypatch.setattr(e, "read_at_accept", lambda sock, addr, family: taken.append(sock) or sock.close())
+    monkeypatch.setattr(e, "conn_open", lambda sock, addr, family: sock.close())
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen()
+    c = socket.create_connection(lsock.getsockname())
+    try:
+        e.do_accept(lsock, socket.AF_INET)
+        assert bool(taken) is at_accept
+    finally:
+        c.close()
+        lsock.close()
+        e.sel.close()
+
+
 def test_socket_fuzz(start_ours):
     """Thousands of random and mutated packets against a live daemon with
     registered nodes: nothing escapes the loop, the nodes stay registered and

@@ -222,19 +222,20 @@ def test_reregistration_bumps():
     assert b"a" not in t.unreg
 
 
-def test_port2_replies_cached_per_payload_until_a_node_leaves():
-    """NodeTable.asked keeps the PORT2_RESP of each answered payload of a
-    registered node (at most two per node: with and without the trailing
-    NUL), never of an unknown name, and is emptied when any node leaves."""
+def test_port2_replies_cached_per_packet_until_a_node_leaves():
+    """NodeTable.asked keeps the PORT2_RESP of each answered PORT_PLEASE2_REQ
+    of a registered node under its whole packet, length included (at most
+    two per node: with and without the trailing NUL), never of an unknown
+    name, and is emptied when any node leaves."""
     t = epmd.NodeTable(quiet_log(), clock=Clock(1000))
     ca, a = reg(t, b"a", port=4100)
     reg(t, b"b", port=4200)
     old = t.port2_resp(b"a", b"za")
     assert old == epmd.pack_port2_resp(a)
-    assert t.port2_resp(b"a", b"za\0") is t.asked[b"za"]
+    assert t.port2_resp(b"a", b"za\0") is t.asked[b"\x00\x02za"]
     assert t.port2_resp(b"b", b"zb") is not None
     assert t.port2_resp(b"nobody", b"znobody") is None
-    assert sorted(t.asked) == [b"za", b"za\0", b"zb"]
+    assert sorted(t.asked) == [b"\x00\x02za", b"\x00\x02zb", b"\x00\x03za\0"]
     t.node_unreg_sock(ca)
     assert t.asked == {}
     _, a2 = reg(t, b"a", fd=6, port=4300)

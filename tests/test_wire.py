@@ -322,6 +322,43 @@ def test_port2_answer_follows_the_table(epmd):
         assert lookup(False) == b"w\x01" and lookup(True) == b"w\x01"
 
 
+def test_port2_asked_again_arrives_any_way(epmd):
+    """A PORT_PLEASE2_REQ answered before, sent again on new connections:
+    whole, byte by byte, after a pause, with a byte too many, and twice in
+    one write.  The first three are answered as the first time; the last
+    two close without a reply ("got N bytes in packet, expected M").
+    epmd.py answers a repeated request that arrives whole in the read after
+    its accept before it becomes a connection (Epmd.read_at_accept);
+    everything else takes the general path.
+    Source: OTP epmd_srv.c, do_read, do_request (PORT_PLEASE2_REQ).
+    """
+    s, _ = register(epmd.port, "anyway", port=4400)
+    packet = frame(b"zanyway")
+    want = port2(epmd.port, "anyway")
+    assert want[:4] == b"w\x00" + U16.pack(4400)
+    assert request(epmd.port, b"zanyway") == want
+
+    def sent(pieces, pause=0.0):
+        c = connect(epmd.port)
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        time.sleep(pause)
+        for piece in pieces:
+            c.sendall(piece)
+            time.sleep(0.02)
+        got = read_to_eof(c)
+        c.close()
+        return got
+
+    assert sent([packet[i:i + 1] for i in range(len(packet))]) == want
+    assert sent([packet], pause=0.3) == want
+    assert sent([packet + b"z"]) == b""
+    assert sent([packet + packet]) == b""
+    assert wait_until(lambda: epmd.stderr().count("got 8 bytes in packet, expected 7") == 1
+                      and "got 16 bytes in packet, expected 7" in epmd.stderr())
+    assert sent([packet]) == want
+    s.close()
+
+
 def test_port2_unknown(epmd):
     """An unknown name gets exactly ``w`` 1.
 
