@@ -305,7 +305,7 @@ def test_port2_answer_follows_the_table(epmd):
     """The same PORT_PLEASE2_REQ, with and without its trailing NUL, asked
     again and again while its node registers, leaves and registers anew
     with other fields: each answer is the table's at that moment, never an
-    earlier one (epmd.py keeps answered payloads' replies, NodeTable.asked).
+    earlier one (epmd.py keeps answered packets' replies, NodeTable.asked).
     Source: OTP epmd_srv.c, do_request (PORT_PLEASE2_REQ), node_unreg_sock.
     """
     def lookup(nul):
