@@ -2009,6 +2009,33 @@ class EpmdExit(BaseException):
         self.code = code
 
 
+def in_order(events):
+    """Return the (key, mask) pairs of one select() result in the order the
+    loop handles them: first the connections of registered nodes (KEPT),
+    then the other connections and the SIGUSR2 wake-up, last the listening
+    sockets; within each group, as the selector gave them.
+
+    A node ends its registration by closing its connection (EOF, reset, an
+    error, or any byte), so its end must be seen before any request that
+    came after it: otherwise a PORT_PLEASE2_REQ sent right after the close
+    is answered with the dead node's port, and an ALIVE2_REQ for the same
+    name is refused (issue 19).  A connection accepted in this wake-up is
+    read in it (read_at_accept, first_read), so the accepts come last.
+    OTP's run() gets the same order differently: it accepts in one round
+    and reads the new connection only in the next.
+    """
+    kept, other, listening = [], [], []
+    for event in events:
+        conn = event[0].data
+        if conn is None:
+            listening.append(event)
+        elif conn is not WAKEUP and conn.state is KEPT:
+            kept.append(event)
+        else:
+            other.append(event)
+    return kept + other + listening
+
+
 class Epmd(Handover):
     """The daemon: options, the node table, the connections and the loop.
 
@@ -2158,6 +2185,8 @@ class Epmd(Handover):
                 events = sel.select(timeout)
                 if self.delay_accept:
                     time.sleep(self.delay_accept)
+                if len(events) > 1:     # most wake-ups bring one event
+                    events = in_order(events)
                 for key, mask in events:
                     conn = key.data
                     if conn is None:
@@ -2612,6 +2641,9 @@ class Epmd(Handover):
             log.dbg_printf(0, "%s", e)
             self.diag.alive2_malformed(conn, payload, e)    # D25
             return
+        holder = self.nodes.reg.get(req.name)
+        if holder is not None:
+            self.reclaim(holder)
         node = self.nodes.node_reg2(req, conn)
         if node is None:
             self.diag.alive2_refused(conn, req, self.nodes)  # D25: who holds it, or why
@@ -2627,6 +2659,25 @@ class Epmd(Handover):
             return
         if node is not None:
             self.set_state(conn, KEPT)
+
+    def reclaim(self, node):
+        """D28: an ALIVE2_REQ asks for the name of *node*, a registered
+        node: if the connection that holds it is readable (EOF, a reset, an
+        error or any bytes, each of which ends a registration) handle that
+        now, exactly as the loop would have (do_read of a KEPT connection:
+        the node is unregistered, its connection closed, the same log
+        lines), so the name is free for the request.  A silent, live
+        holder is left as it is (the recv finds nothing: EAGAIN), and the
+        request is refused as before.  Runs only when the name is taken,
+        so a new name pays nothing.  A node that restarts faster than the
+        loop sees its old connection close (a FIN that arrived after this
+        wake-up's select) is then not refused.  Source: OTP's fix of the
+        same race, erlang/otp PR 11085 (node_reg2 probes the holder's fd
+        with a non-blocking select() before refusing); OTP 25 refuses.
+        """
+        conn = node.conn
+        if conn is not None and conn.state is KEPT:
+            self.do_read(conn)
 
     def do_port2_req(self, conn, payload):
         """PORT_PLEASE2_REQ: answer PORT2_RESP with the node's fields, or

@@ -1110,3 +1110,132 @@ def run_requests(port, requests, conc=0, start_at=None, spread=0.0, check=None,
     sel.close()
     return out
 
+
+
+# -- a node's close racing the next request (issue 19) ----------------------------
+
+RACE_SCENARIOS = ("fin", "reset", "byte", "lookup", "live")
+
+
+def _alive2_reply(sock):
+    """Read an ALIVE2_X_RESP (6 bytes) from *sock*; b"" or less on EOF."""
+    reply = b""
+    while len(reply) < 6:
+        data = sock.recv(6 - len(reply))
+        if not data:
+            break
+        reply += data
+    return reply
+
+
+def _register_raw(port, packet):
+    """Connect, send a framed ALIVE2_REQ *packet* at once (as a node does,
+    without waiting), return (socket, reply)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(("127.0.0.1", port))
+    s.sendall(packet)
+    return s, _alive2_reply(s)
+
+
+def _port_please_raw(port, packet):
+    """One PORT_PLEASE2_REQ on a new connection, sent at once; the reply."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(packet)
+        return read_to_eof(s, 5)
+
+
+def _end_registration(sock, how):
+    """End a registration the way *how* says: "fin" (close), "reset"
+    (SO_LINGER 0, so close sends an RST), "byte" (send one byte, then close;
+    any byte on a registration's connection ends it)."""
+    if how == "reset":
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    elif how == "byte":
+        sock.send(b"x")
+    sock.close()
+
+
+def race_cycles(port, scenario, cycles, name=b"racer", check_listing=False, deadline=60.0):
+    """Run *cycles* cycles of one race *scenario* against the epmd on *port*,
+    from one client, with no pause between the steps; return a dict of
+    counts: cycles (done before *deadline* seconds), refused (an ALIVE2_REQ
+    refused), stale (a PORT_PLEASE2_REQ answered with the port of a node whose
+    registration had ended), same_creation (a re-registration given the
+    creation its predecessor had), listing_bad (a NAMES reply that did not
+    list *name* exactly once, or a DUMP reply that did not list it once as
+    active; only with *check_listing*), retries (registrations tried again
+    after a refusal, until the name was free).
+
+    Scenarios (each cycle):
+      "fin", "reset", "byte": end the registration (see _end_registration),
+          then at once register the name again on a new connection;
+      "lookup": look the name up (answered: the daemon may cache it), close
+          the registration, then at once look it up again: any port in
+          that answer is stale; then register again;
+      "live": while the name is held, a second ALIVE2_REQ for it on another
+          connection: refused is right here (cycles == refused is the pass).
+    """
+    assert scenario in RACE_SCENARIOS, scenario
+    counts = dict(cycles=0, refused=0, stale=0, same_creation=0, listing_bad=0, retries=0)
+    ask = frame(b"z" + name)
+    stop_at = time.monotonic() + deadline
+
+    def packet(i):
+        return frame(alive2(name, port=20000 + i % 7000, nodetype=77, highvsn=6, lowvsn=5))
+
+    def hold(i):
+        # Register, trying again (after a short pause) while the old
+        # registration has not gone yet; return (socket, creation).
+        while True:
+            s, reply = _register_raw(port, packet(i))
+            got = creation_of(reply)
+            if got is not None:
+                return s, got
+            s.close()
+            counts["retries"] += 1
+            if time.monotonic() > stop_at:
+                raise RuntimeError("%r never registered again: %r" % (name, reply))
+            time.sleep(0.002)
+
+    sock, creation = hold(0)
+    try:
+        for i in range(1, cycles + 1):
+            if time.monotonic() > stop_at:
+                break
+            if scenario == "live":
+                s, reply = _register_raw(port, packet(i))
+                s.close()
+                if creation_of(reply) is None:
+                    counts["refused"] += 1
+                counts["cycles"] += 1
+                continue
+            if scenario == "lookup":
+                reply = _port_please_raw(port, ask)
+                assert reply[:2] == b"w\x00", reply     # registered: found
+                _end_registration(sock, "fin")
+                reply = _port_please_raw(port, ask)
+                if reply[:2] == b"w\x00":
+                    counts["stale"] += 1
+                sock, new = hold(i)
+            else:
+                _end_registration(sock, scenario)
+                sock, reply = _register_raw(port, packet(i))
+                new = creation_of(reply)
+                if new is None:
+                    counts["refused"] += 1
+                    sock.close()
+                    sock, new = hold(i)
+            if new == creation:
+                counts["same_creation"] += 1
+            creation = new
+            if check_listing:
+                _, lines = names(port)
+                listed = [ln for ln in lines if ln.startswith(b"name " + name + b" at port ")]
+                active = dump(port).count(b"active name     <" + name + b">")
+                if len(listed) != 1 or active != 1:
+                    counts["listing_bad"] += 1
+            counts["cycles"] += 1
+    finally:
+        sock.close()
+    return counts
