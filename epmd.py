@@ -66,7 +66,8 @@ C sources carry its name (epmd_srv.c unless said):
                                fd store); the Handover mixin of Epmd
                                (handover_state, reexec, restore_handover,
                                fdstore_sync)
-    server                     Epmd: run, handle, check_timeouts, do_accept,
+    server                     in_order (the order of one wake-up's events),
+                               Epmd: run, handle, check_timeouts, do_accept,
                                read_at_accept, conn_open, set_state, epmd_conn_close, do_read,
                                do_request and one do_*_req method per
                                request, reply, do_write, epmd_cleanup_exit
@@ -88,7 +89,10 @@ Connection), drop (node_unreg_sock followed by
 epmd_conn_close), clock (the monotonic clock for time-outs; C's
 current_time reads the wall clock), internal_error (what handle does
 when handling fails), and the D2 helpers shed_connection, pause_accept,
-resume_accept and open_spare.
+resume_accept and open_spare, in_order (the order in which run handles
+one wake-up's events: registered nodes first, accepts last) and reclaim
+(D28: an ALIVE2_REQ for a taken name reads the holder's connection first;
+OTP's fix of the same race probes it with select()).
 
 Debug levels (-d given N times), as OTP's epmd:
 
@@ -2019,7 +2023,7 @@ def in_order(events):
     error, or any byte), so its end must be seen before any request that
     came after it: otherwise a PORT_PLEASE2_REQ sent right after the close
     is answered with the dead node's port, and an ALIVE2_REQ for the same
-    name is refused (issue 19).  A connection accepted in this wake-up is
+    name is refused (D28).  A connection accepted in this wake-up is
     read in it (read_at_accept, first_read), so the accepts come last.
     OTP's run() gets the same order differently: it accepts in one round
     and reads the new connection only in the next.
@@ -2060,7 +2064,8 @@ class Epmd(Handover):
     - requests: do_read, do_request and one handler per request code
       (do_alive2_req, do_port2_req, do_names_req, do_dump_req, do_kill_req,
       do_stop_req, in do_request's switch in C), refuse_remote,
-      send_listing
+      send_listing, reclaim (D28: the part of node_reg2 in OTP's fix of
+      erlang/otp#11083)
     - writing: reply, do_write, flush
     """
 
@@ -2144,7 +2149,10 @@ class Epmd(Handover):
     #
     # run() waits on the selector for at most IDLE_TIMEOUT seconds (1 second
     # when packet_timeout < IDLE_TIMEOUT), then sleeps -delay_accept if set,
-    # and goes through the ready sockets in the order the selector gives:
+    # and goes through the ready sockets in_order: the registered nodes'
+    # connections first (their close, D28), then the other connections and
+    # the SIGUSR2 wake-up, the listening sockets last, each group in the
+    # order the selector gives:
     #   - a listening socket gets one accept (do_accept); the new connection
     #     is opened by conn_open and, since its request has usually arrived
     #     already, read at once (first_read), so most connections are answered
