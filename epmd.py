@@ -493,6 +493,10 @@ def pack_port2_resp(node):
 # ---------------------------------------------------------------------------
 
 
+# NodeTable.changes: what a change did.
+REG, UNREG = "reg", "unreg"
+
+
 def bump_creation(counter):
     """Return the next creation counter: +1 modulo 2**32, and never below 4.
 
@@ -563,13 +567,20 @@ class NodeTable:
     unreg list never holds more than ``max_unreg + 1`` entries, the size at
     which OTP starts recycling its oldest entry for new names; OTP lets it
     grow without bound.  *clock* returns Unix time in seconds.
+
+    ``changes`` is None, or (while systemd's fd store is used) the list of
+    changes since the store last took them (Epmd.fdstore_sync), each
+    (REG, node, conn, dropped) or (UNREG, node, conn, dropped): the node,
+    the connection that held it, and the names that change dropped from
+    the unreg list (a name registered again, the oldest entry stolen or
+    cut by D6), so the store can keep its state by appending records.
     """
 
-    __slots__ = ("reg", "unreg", "max_unreg", "log", "clock", "names", "serial", "asked")
+    __slots__ = ("reg", "unreg", "max_unreg", "log", "clock", "names", "changes", "asked")
 
     def __init__(self, log, max_unreg=MAX_UNREG_COUNT, clock=time.time):
         self.names = None           # the NAMES_RESP lines, joined, until the next change
-        self.serial = 0             # + 1 on every change (the fd store follows it)
+        self.changes = None         # [(REG or UNREG, node, conn, dropped names)] for the fd store
         self.asked = {}             # PORT_PLEASE2_REQ packet -> PORT2_RESP
         self.reg = {}
         self.unreg = {}
@@ -610,15 +621,17 @@ class NodeTable:
         if name in self.reg:
             log.dbg_printf(0, "node name already occupied %s", name)
             return None
+        dropped = name              # from the unreg list, if there
         node = self.unreg.pop(name, None)
         if node is not None:
             log.dbg_tty_printf(1, "reusing slot with same name '%s'", name)
             node.cr_counter = bump_creation(node.cr_counter)
         elif len(self.unreg) > self.max_unreg:
-            oldest = next(iter(self.unreg))
-            node = self.unreg.pop(oldest)
+            dropped = next(iter(self.unreg))
+            node = self.unreg.pop(dropped)
             node.name = name
         else:
+            dropped = None
             node = Node(name, bump_creation(int(self.current_time()) & CREATION_MASK))
         node.fd = conn.fd
         node.conn = conn
@@ -632,8 +645,9 @@ class NodeTable:
         node.resp = None
         node.since = self.clock()
         self.reg[name] = node
-        self.serial += 1
         self.names = None
+        if self.changes is not None:
+            self.changes.append((REG, node, conn, dropped))
         log.dbg_tty_printf(1, "registering '%s:%d', port %d", name, node.creation, node.port)
         if req.highvsn != 0:
             log.dbg_tty_printf(1, "type %d proto %d highvsn %d lowvsn %d",
@@ -651,17 +665,21 @@ class NodeTable:
         self.log.dbg_tty_printf(1, "unregistering '%s:%d', port %d",
                                 node.name, node.creation, node.port)
         del self.reg[node.name]
-        self.serial += 1
         self.names = None
-        if node.conn is not None:
-            node.conn.node = None
+        conn = node.conn
+        if conn is not None:
+            conn.node = None
         node.conn = None
         node.resp = None
         self.asked.clear()
         unreg = self.unreg
         unreg[node.name] = node
+        dropped = None
         if len(unreg) > self.max_unreg + 1:  # D6
-            del unreg[next(iter(unreg))]
+            dropped = next(iter(unreg))
+            del unreg[dropped]
+        if self.changes is not None:
+            self.changes.append((UNREG, node, conn, dropped))
         self.print_names()
 
     def node_unreg(self, name):
@@ -719,7 +737,6 @@ class NodeTable:
         conn.node = node
         self.reg[node.name] = node
         self.names = None
-        self.serial += 1
 
     def port2_resp(self, name, payload=None):
         """Return the PORT2_RESP for *name*, or None when it is not
@@ -1379,9 +1396,20 @@ def sd_notify(state, environ=os.environ, fds=()):
 #   NODE: {"name", "fd", "port", "nodetype", "protocol", "highvsn", "lowvsn",
 #          "extra", "cr_counter", "since"}; bytes (names, extras, buffers) as
 #          base64; since (Unix time of the registration) a number.
-# $EPMD_PY_HANDOVER: "<version> state=<fd> listen=<fd>,... conns=<fd>,...",
-# so that even a new image that cannot read the state knows which of its
-# descriptors are listeners (kept) and which are connections (closed).
+# In systemd's fd store (below), the state is followed by records, each
+# STORE_RECORD (u32 body length in bytes, u32 CRC-32 of the body) and a UTF-8
+# JSON body, one per change of the node table since the state was written:
+#   {"op": "reg", "node": NODE, "conn": CONN, "drop": [name, ...]}
+#   {"op": "unreg", "node": NODE, "fd": fd, "drop": [name, ...]}
+# ("drop": the names the change took off the unreg list).  A reader applies
+# them in order and stops at the first one cut short (a kill during its
+# write).  A reader that knows only the state ignores them: the nodes
+# registered since come back as after a restart, by registering again.
+# $EPMD_PY_HANDOVER: "<version> state=<fd> listen=<fd>,... conns=<fd>,...
+# [store=<fd>] [fdnames=<fd>:<FDNAME>,...]", so that even a new image that
+# cannot read the state knows which of its descriptors are listeners (kept)
+# and which are connections (closed, and removed from systemd's fd store by
+# their FDNAME, so that their nodes see the close).
 
 HANDOVER_ENV = "EPMD_PY_HANDOVER"
 HANDOVER_VERSION = 1
@@ -1390,6 +1418,7 @@ HANDOVER_HEADER = struct.Struct(">12sHII")  # magic, version, body length, crc32
 HANDOVER_OPTIONS = ("port", "addresses", "relaxed", "packet_timeout", "delay_accept",
                     "delay_write", "systemd")
 HANDOVER_NODE_INTS = ("fd", "port", "nodetype", "protocol", "highvsn", "lowvsn", "cr_counter")
+STORE_RECORD = struct.Struct(">II")         # body length, crc32 (records after the state)
 
 
 class HandoverError(ValueError):
@@ -1444,6 +1473,62 @@ def node_from_record(rec):
     return node
 
 
+def conn_record(conn, fdname=None):
+    """Return the JSON-able record of a Connection (CONN in the layout
+    above); *fdname* is its name in systemd's fd store, if stored."""
+    return {"fd": conn.fd, "local_peer": conn.local_peer,
+            "mod_time": conn.mod_time, "want": conn.want,
+            "buf": _b64(bytes(conn.buf)), "out": _b64(bytes(conn.out)),
+            "start_time": conn.start_time, "one_read": conn.one_read,
+            "state": conn.state, "fdname": fdname}
+
+
+def pack_record(rec):
+    """Return the bytes of one change record (STORE_RECORD, then JSON)."""
+    import json
+    import zlib
+    body = json.dumps(rec, separators=(",", ":")).encode("utf-8")
+    return STORE_RECORD.pack(len(body), zlib.crc32(body)) + body
+
+
+def apply_records(state, data, offset):
+    """Apply the change records in *data* from *offset* on to the state dict
+    *state* (in place; see the layout above) and return how many were
+    applied; stops at the end, or at a record cut short or corrupt.  Raises
+    HandoverError for a record that is whole but malformed."""
+    import json
+    import zlib
+    nodes = {r["name"]: r for r in state["nodes"]}
+    unreg = {r["name"]: r for r in state["unreg"]}
+    conns = {r["fd"]: r for r in state["conns"]}
+    count = 0
+    while offset + STORE_RECORD.size <= len(data):
+        size, crc = STORE_RECORD.unpack_from(data, offset)
+        body = data[offset + STORE_RECORD.size:offset + STORE_RECORD.size + size]
+        if len(body) != size or zlib.crc32(body) != crc:
+            break
+        offset += STORE_RECORD.size + size
+        try:
+            rec = json.loads(body.decode("utf-8"))
+            node = rec["node"]
+            if rec["op"] == REG:
+                nodes[node["name"]] = node
+                conns[rec["conn"]["fd"]] = rec["conn"]
+            elif rec["op"] == UNREG:
+                nodes.pop(node["name"], None)
+                conns.pop(rec["fd"], None)
+                unreg.pop(node["name"], None)
+                unreg[node["name"]] = node
+            for name in rec["drop"]:
+                unreg.pop(name, None)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise HandoverError("bad change record: %r" % e) from None
+        count += 1
+    state["nodes"], state["unreg"], state["conns"] = (
+        list(nodes.values()), list(unreg.values()), list(conns.values()))
+    return count
+
+
 def pack_state(state):
     """Return the bytes of the state dict *state*: HANDOVER_HEADER then the
     JSON body (see the layout above)."""
@@ -1454,9 +1539,11 @@ def pack_state(state):
                                 zlib.crc32(body)) + body
 
 
-def unpack_state(data):
-    """Return the state dict packed by pack_state.  Raises HandoverError for
-    another magic or format version, a short or corrupt body, bad JSON."""
+def unpack_state(data, records=False):
+    """Return the state dict packed by pack_state; with *records*, with the
+    change records that follow it applied (apply_records).  Raises
+    HandoverError for another magic or format version, a short or corrupt
+    body, bad JSON."""
     import json
     import zlib
     if len(data) < HANDOVER_HEADER.size:
@@ -1476,6 +1563,8 @@ def unpack_state(data):
         raise HandoverError("state is not valid JSON: %s" % e) from None
     if not isinstance(state, dict):
         raise HandoverError("state is not a JSON object")
+    if records:
+        apply_records(state, data, HANDOVER_HEADER.size + size)
     return state
 
 
@@ -1505,20 +1594,34 @@ def read_state_fd(fd):
         offset += len(data)
 
 
-def format_handover_env(state_fd, listen_fds, conn_fds):
-    """Return $EPMD_PY_HANDOVER for these descriptors (see above)."""
-    return "%d state=%d listen=%s conns=%s" % (
+def format_handover_env(state_fd, listen_fds, conn_fds, store=None):
+    """Return $EPMD_PY_HANDOVER for these descriptors (see above); *store*
+    is the FdStore in use, or None."""
+    value = "%d state=%d listen=%s conns=%s" % (
         HANDOVER_VERSION, state_fd, ",".join(map(str, listen_fds)), ",".join(map(str, conn_fds)))
+    if store is not None:
+        value += " store=%d:%d fdnames=%s" % (store.state_fd, store.seq, ",".join(
+            "%d:%s" % (fd, name) for fd, (_, name) in sorted(store.names.items())))
+    return value
 
 
 def parse_handover_env(value):
-    """Parse $EPMD_PY_HANDOVER; return (version, state fd, listening fds,
-    connection fds).  Raises HandoverError when it is malformed."""
+    """Parse $EPMD_PY_HANDOVER; return a dict: "version", "state" (fd),
+    "listen" and "conns" (lists of fds), "store" ((state memfd, next FDNAME
+    number) of systemd's fd store, or None), "fdnames" ({fd: FDNAME} of the
+    connections in that store).  Raises HandoverError when it is
+    malformed."""
     try:
         version, *fields = value.split(" ")
         kv = dict(f.split("=", 1) for f in fields)
         fds = [[int(x) for x in kv[k].split(",") if x] for k in ("listen", "conns")]
-        return int(version), int(kv["state"]), fds[0], fds[1]
+        store = tuple(int(x) for x in kv["store"].split(":")) if "store" in kv else None
+        fdnames = {int(fd): name for fd, name in
+                   (x.split(":", 1) for x in kv.get("fdnames", "").split(",") if x)}
+        if store is not None and len(store) != 2:
+            raise ValueError("store=%s" % kv["store"])
+        return {"version": int(version), "state": int(kv["state"]), "listen": fds[0],
+                "conns": fds[1], "store": store, "fdnames": fdnames}
     except (ValueError, KeyError) as e:
         raise HandoverError("bad %s=%r: %s" % (HANDOVER_ENV, value, e)) from None
 
@@ -1564,19 +1667,22 @@ def options_from_state(opts, state):
 
 def take_handover(environ, log):
     """In a new image: pop $EPMD_PY_HANDOVER from *environ* and read what the
-    previous image passed.  Returns None without the variable, else a dict:
-    "listen" (fds), "conns" (fds), "state" (the state dict, or None when it
-    could not be read: logged, and the image starts with the listeners
-    only).  Raises HandoverError when the variable itself is malformed."""
+    previous image passed.  Returns None without the variable, else the dict
+    of parse_handover_env with "state" the state dict, or None when it
+    could not be read (logged: the image starts with the listeners only,
+    and closes the connections, in systemd's fd store too, by the FDNAMEs
+    the variable gives).  Raises HandoverError when the variable itself is
+    malformed."""
     value = environ.pop(HANDOVER_ENV, None)
     if value is None:
         return None
-    version, state_fd, listen, conns = parse_handover_env(value)
+    handover = parse_handover_env(value)
+    state_fd = handover["state"]
     state = None
     try:
-        if version != HANDOVER_VERSION:
+        if handover["version"] != HANDOVER_VERSION:
             raise HandoverError("hand-over version %d, this image reads %d"
-                                % (version, HANDOVER_VERSION))
+                                % (handover["version"], HANDOVER_VERSION))
         state = unpack_state(read_state_fd(state_fd))
     except (HandoverError, OSError) as e:
         log.dbg_printf(0, "cannot read the state handed over (%s): starting with the "
@@ -1586,7 +1692,8 @@ def take_handover(environ, log):
             os.close(state_fd)
         except OSError:
             pass
-    return {"listen": listen, "conns": conns, "state": state}
+    handover["state"] = state
+    return handover
 
 
 # systemd's file descriptor store (systemd >= 254 announces it in $FDSTORE):
@@ -1595,8 +1702,13 @@ def take_handover(environ, log):
 # node's socket is pushed to the store as it registers ("FDSTORE=1",
 # "FDNAME=epmd-node-<n>", the socket in SCM_RIGHTS) and removed as it
 # unregisters ("FDSTOREREMOVE=1"); one memfd, "epmd-state", stored once,
-# holds the state above, rewritten in place after every change of the node
-# table.  On the next start LISTEN_FDNAMES tells the socket unit's listeners
+# holds the state above (the nodes and their connections only: a restart
+# cannot use a request in flight), followed by one change record per
+# registration and unregistration since, appended at the end of the wake-up
+# that made them.  So a change costs the same whatever the number of nodes;
+# the state is written whole again only once the records outgrow it (and
+# FDSTORE_COMPACT_MIN), which spreads that cost over at least as many
+# changes as there are nodes.  On the next start LISTEN_FDNAMES tells the socket unit's listeners
 # from these; the state is read and each node is matched to its socket by
 # name.  Sources: sd_notify(3), sd_listen_fds(3), systemd.io "The File
 # Descriptor Store".
@@ -1604,6 +1716,7 @@ def take_handover(environ, log):
 FDSTORE_ENV = "FDSTORE"             # set by systemd to FileDescriptorStoreMax=
 FDSTORE_STATE = "epmd-state"        # FDNAME of the state memfd
 FDSTORE_NODE = "epmd-node-%d"       # FDNAME of a node's connection
+FDSTORE_COMPACT_MIN = 64 * 1024     # bytes of change records before the state is rewritten
 
 
 def is_stored_name(name):
@@ -1618,13 +1731,14 @@ class FdStore:
 
     ``state_fd`` is the stored memfd of the state, ``names`` maps the fd of
     each stored node connection to (Connection, FDNAME), ``seq`` numbers the
-    next FDNAME, ``serial`` is the NodeTable.serial the stored state shows,
-    ``restored`` maps FDNAME -> fd for what systemd passed back at start
-    (until handover_resume takes it), ``limit`` is $FDSTORE.
+    next FDNAME, ``restored`` maps FDNAME -> fd for what systemd passed back
+    at start (until handover_resume takes it), ``limit`` is $FDSTORE.  In
+    the memfd: ``state_size`` bytes of state, then change records up to
+    ``end`` (bytes); ``stale`` asks for the state to be written whole.
     """
 
-    __slots__ = ("environ", "log", "state_fd", "names", "seq", "serial", "restored", "limit",
-                 "warned")
+    __slots__ = ("environ", "log", "state_fd", "names", "seq", "restored", "limit",
+                 "warned", "state_size", "end", "stale")
 
     def __init__(self, environ, log, state_fd, limit):
         self.environ = environ
@@ -1632,10 +1746,12 @@ class FdStore:
         self.state_fd = state_fd
         self.names = {}
         self.seq = 0
-        self.serial = -1
         self.restored = {}
         self.limit = limit
         self.warned = False
+        self.state_size = 0
+        self.end = 0
+        self.stale = True
 
     @staticmethod
     def limit_of(environ):
@@ -1700,10 +1816,22 @@ class FdStore:
         sd_notify("FDSTOREREMOVE=1\nFDNAME=%s" % name, self.environ)
 
     def write(self, data):
-        """Replace the state in the stored memfd (the CRC-32 in the header
-        shows a write that a kill cut short)."""
+        """Replace the state in the stored memfd and drop the change records
+        (the CRC-32 in the header shows a write that a kill cut short)."""
         os.pwrite(self.state_fd, data, 0)
         os.ftruncate(self.state_fd, len(data))
+        self.state_size = self.end = len(data)
+        self.stale = False
+
+    def append(self, data):
+        """Append change records (pack_record's bytes) after the state."""
+        os.pwrite(self.state_fd, data, self.end)
+        self.end += len(data)
+
+    def compact_due(self):
+        """True when the change records have outgrown the state (and
+        FDSTORE_COMPACT_MIN): time to write the state whole again."""
+        return self.end - self.state_size > max(FDSTORE_COMPACT_MIN, self.state_size)
 
     def restart_handover(self):
         """After a restart with stored descriptors: return the hand-over
@@ -1714,7 +1842,7 @@ class FdStore:
         handover = {"listen": [], "conns": list(restored.values()), "state": None,
                     "unused": dict(restored)}
         try:
-            state = unpack_state(read_state_fd(self.state_fd))
+            state = unpack_state(read_state_fd(self.state_fd), records=True)
             moved = {}
             conns = []
             for rec in state["conns"]:
@@ -1771,10 +1899,11 @@ class Handover:
             except OSError:
                 pass
 
-    def handover_state(self):
+    def handover_state(self, nodes_only=False):
         """The walk over the connections: return the state dict to hand over.
 
-        Every connection goes over as it is: a registered node's (kept,
+        Every connection goes over as it is (with *nodes_only*, for systemd's
+        fd store, only the registered nodes'): a registered node's (kept,
         ``conn.node`` set) with its Node; one in flight with the bytes of its
         request read so far, or of its reply not yet written, and its
         time-out clock (monotonic seconds, the same clock in the new image).
@@ -1784,13 +1913,10 @@ class Handover:
         stored = self.fdstore.names if self.fdstore is not None else {}
         conns = []
         for conn in self.conns.values():
+            if nodes_only and conn.node is None:
+                continue
             entry = stored.get(conn.fd)
-            conns.append({"fd": conn.fd, "local_peer": conn.local_peer,
-                          "mod_time": conn.mod_time, "want": conn.want,
-                          "buf": _b64(bytes(conn.buf)), "out": _b64(bytes(conn.out)),
-                          "start_time": conn.start_time, "one_read": conn.one_read,
-                          "state": conn.state,
-                          "fdname": entry[1] if entry and entry[0] is conn else None})
+            conns.append(conn_record(conn, entry[1] if entry and entry[0] is conn else None))
         nodes = self.nodes
         options = {k: getattr(self, k) for k in HANDOVER_OPTIONS}
         options["debug"] = self.log.level
@@ -1843,7 +1969,7 @@ class Handover:
             for fd in passed:
                 os.set_inheritable(fd, True)
             env = dict(os.environ)
-            env[HANDOVER_ENV] = format_handover_env(state_fd, listen, conn_fds)
+            env[HANDOVER_ENV] = format_handover_env(state_fd, listen, conn_fds, self.fdstore)
             argv = [sys.executable, script] + list(self.argv)
             log.dbg_printf(0, "SIGUSR2: re-executing %s, handing over %d nodes, %d connections",
                            script, len(state["nodes"]), len(conn_fds))
@@ -1863,27 +1989,46 @@ class Handover:
                 sd_notify(SD_READY % os.getpid())
 
     def fdstore_sync(self):
-        """Bring systemd's fd store up to date with the node table: push the
-        sockets of new nodes, remove those of gone ones (compared by
-        Connection, as a descriptor number may be reused at once), then
-        rewrite the state memfd.  Runs at the end of a wake-up that changed
-        the table."""
+        """Bring systemd's fd store up to date with the changes of the node
+        table (NodeTable.changes) since the last call: push the socket of
+        each node registered and still there, remove (by FDNAME) that of
+        each node gone (compared by Connection, as a descriptor number may
+        be reused at once), and append one change record per change to the
+        state memfd, or write the state whole when it is stale or the
+        records have outgrown it.  Runs at the end of a wake-up that
+        changed the table; its cost is that of the changes, not of the
+        table (but for the rewrite, once per as many changes as nodes)."""
         store = self.fdstore
-        want = {n.conn.fd: n.conn for n in self.nodes.reg.values() if n.conn is not None}
-        for fd, (conn, name) in list(store.names.items()):
-            if want.get(fd) is not conn:
-                store.remove(name)
-                del store.names[fd]
-        for fd, conn in want.items():
-            if fd not in store.names:
-                name = store.push(fd)
-                if name is not None:
-                    store.names[fd] = (conn, name)
+        nodes = self.nodes
+        changes, nodes.changes = nodes.changes, []
+        records = []
+        for op, node, conn, dropped in changes:
+            fd = conn.fd
+            drop = [] if dropped is None else [_b64(dropped)]
+            if op is REG:
+                name = None
+                if node.conn is conn and conn.state is not CLOSED and fd not in store.names:
+                    name = store.push(fd)
+                    if name is not None:
+                        store.names[fd] = (conn, name)
+                rec = node_record(node)
+                rec["fd"] = fd
+                records.append({"op": REG, "node": rec, "conn": conn_record(conn, name),
+                                "drop": drop})
+            else:
+                entry = store.names.get(fd)
+                if entry is not None and entry[0] is conn:
+                    store.remove(entry[1])
+                    del store.names[fd]
+                records.append({"op": UNREG, "node": node_record(node), "fd": fd, "drop": drop})
         try:
-            store.write(pack_state(self.handover_state()))
+            if store.stale or store.compact_due():
+                store.write(pack_state(self.handover_state(nodes_only=True)))
+            else:
+                store.append(b"".join(map(pack_record, records)))
         except OSError as e:
             self.log.dbg_perror(e, "cannot write the state to systemd's fd store")
-        store.serial = self.nodes.serial
+            store.stale = True
 
     def adopt_listeners(self):
         """bind() of a new image: take the listening sockets handed over."""
@@ -1891,8 +2036,17 @@ class Handover:
         if not self.listeners:
             raise StartupError("no listening sockets handed over")
         state = self.handover["state"]
-        if self.systemd and state is not None and state.get("fdstore"):
-            self.fdstore = FdStore.adopt(os.environ, state["fdstore"], self.log)
+        store = self.handover.get("store")
+        if store is not None:       # named outside the state: usable without it
+            record = {"state_fd": store[0], "seq": store[1]}
+        else:                       # an image from before store= (the state's record)
+            record = state.get("fdstore") if state is not None else None
+        if record:
+            self.fdstore = FdStore.adopt(os.environ, record, self.log)
+            if self.fdstore is not None and not self.systemd:
+                # not under systemd any more: nothing to keep up to date
+                self.fdstore, fd = None, self.fdstore.state_fd
+                os.close(fd)
         self.max_conn = self.conn_limit()
         self.local_reserve = min(LOCAL_RESERVE, self.max_conn // 2)
 
@@ -1919,12 +2073,16 @@ class Handover:
                 log.dbg_printf(0, "cannot use the state handed over (%s): starting with the "
                                "listening sockets only; nodes will register again", e)
                 restored = {}
+        fdnames = handover.get("fdnames", {})
         for fd in handover["conns"]:
             if fd not in restored:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
+                # systemd's copy too, or the node never sees the close
+                if fd in fdnames and self.fdstore is not None:
+                    self.fdstore.remove(fdnames[fd])
         for name, fd in handover.get("unused", {}).items():
             if fd not in restored and self.fdstore is not None:
                 self.fdstore.remove(name)
@@ -2181,6 +2339,9 @@ class Epmd(Handover):
             self.families[ls.fileno()] = int(ls.family)
         self.open_spare()
         self.handover_resume()
+        if self.fdstore is not None:
+            self.nodes.changes = []     # the store follows the table from now on
+            self.fdstore.stale = True   # first, the whole state of this image
         if self.systemd:
             sd_notify(SD_READY % os.getpid())
         log.dbg_tty_printf(2, "entering the main select() loop")
@@ -2213,7 +2374,7 @@ class Epmd(Handover):
                     self.check_timeouts()
                 if self.reexec_wanted:
                     self.reexec()
-                if self.fdstore is not None and self.fdstore.serial != self.nodes.serial:
+                if self.fdstore is not None and (self.nodes.changes or self.fdstore.stale):
                     self.fdstore_sync()
         except EpmdExit as e:
             return e.code

@@ -672,6 +672,7 @@ class SystemdStandIn:
         self.messages = []
         self.lock = threading.Lock()
         self.proc = None
+        self.epmd_py = EPMD_PY          # the epmd.py it runs
         self.err_path = tmp / ("systemd-standin-%d.err" % port)
         self._err = open(self.err_path, "ab")
         self._stop = threading.Event()
@@ -745,7 +746,7 @@ class SystemdStandIn:
             del env["FDSTORE"]
         fds = [fd for _, fd in entries]
         cmd = ([sys.executable, "-c", _LAUNCH] + [str(fd) for fd in fds] + ["--", sys.executable,
-               str(EPMD_PY), "-systemd"] + self.args)
+               str(self.epmd_py), "-systemd"] + self.args)
         self.proc = subprocess.Popen(cmd, env=env, pass_fds=fds, stdin=subprocess.DEVNULL,
                                      stdout=self._err, stderr=self._err)
         return self

@@ -358,7 +358,8 @@ def test_state_round_trip_and_corruption():
             epmd.unpack_state(b)
     with pytest.raises(epmd.HandoverError):
         epmd.parse_handover_env("1 state=x listen=3")
-    assert epmd.parse_handover_env(epmd.format_handover_env(9, [3, 4], [])) == (1, 9, [3, 4], [])
+    assert epmd.parse_handover_env(epmd.format_handover_env(9, [3, 4], [])) == {
+        "version": 1, "state": 9, "listen": [3, 4], "conns": [], "store": None, "fdnames": {}}
     # fd store names are never confused with a socket unit's listeners
     assert epmd.is_stored_name("epmd-node-12") and epmd.is_stored_name("epmd-state")
     assert not any(epmd.is_stored_name(n) for n in ("epmd.socket", "epmd-node.socket",
@@ -578,3 +579,136 @@ def test_reexec_in_daemon_mode():
             n["sock"].close()
     finally:
         os.kill(pid, signal.SIGTERM)
+
+
+# -- the fd store's cost and records (issue 20, finding 1) ----------------------------
+
+def wchar(pid):
+    """Bytes process *pid* has passed to write-like system calls."""
+    with open("/proc/%d/io" % pid) as f:
+        return int(next(line for line in f if line.startswith("wchar:")).split()[1])
+
+
+def test_fdstore_cost_of_a_registration_is_flat(standin):
+    """Under the fd store, what the daemon writes per registration does not
+    grow with the table: the last 200 of 1,000 registrations write as much
+    per registration as the first 200 (within 2x and 4 kB; eb55c79 rewrote
+    the whole state after every change: 150 kB each at 1,000 nodes), and a
+    kill -9 then restores all 1,000 from the state and its change records."""
+    sd = standin(limit=1100)
+    sd.start()
+    assert sd.wait_ready(1)
+    socks, per = [], []
+    for chunk in range(5):
+        before = wchar(sd.pid)
+        for i in range(200):
+            s, reply = register(sd.port, "n%d_%d" % (chunk, i), port=20000 + chunk * 200 + i)
+            assert creation_of(reply) is not None
+            socks.append(s)
+        assert wait_until(lambda: len(sd.stored_names()) == len(socks) + 1, 30)
+        per.append((wchar(sd.pid) - before) / 200)
+    print("\nFIGURE bytes written per registration, by 200s up to 1,000 nodes: %s"
+          % ", ".join("%.0f" % x for x in per))
+    assert per[-1] < max(2 * per[0], 4096) and per[-1] < 4096, per
+    names_before = request(sd.port, b"n")
+    sd.kill9()
+    sd.start()
+    assert sd.wait_ready(2)
+    assert request(sd.port, b"n") == names_before
+    for s in socks:
+        s.close()
+
+
+class StoreHarness:
+    """An Epmd with a real FdStore (its state memfd; no notify socket, so
+    nothing is pushed) and socketpair connections, driven without the loop."""
+
+    def __init__(self, max_unreg):
+        import io
+        import selectors
+        self.e = epmd.Epmd(port=4369, log=epmd.DebugLog(0, out=io.BytesIO()))
+        self.e.nodes.max_unreg = max_unreg
+        self.e.sel = selectors.DefaultSelector()
+        self.e.max_conn, self.e.local_reserve = 1000, 10
+        self.e.fdstore = epmd.FdStore({}, self.e.log, os.memfd_create("test-state"), 1000)
+        self.e.nodes.changes = []
+        self.peers = {}
+
+    def register(self, name, port):
+        import socket
+        a, b = socket.socketpair()
+        conn = self.e.conn_open(a, None, None)
+        conn.local_peer = True
+        b.sendall(frame(epmd_alive2(name, port)))
+        self.e.first_read(conn)
+        reply = b.recv(6)
+        if creation_of(reply) is None:
+            b.close()
+            return False
+        self.peers[name] = (conn, b)
+        return True
+
+    def close(self, name):
+        conn, b = self.peers.pop(name)
+        b.close()
+        self.e.handle(conn, epmd.EVENT_READ)
+
+    def stored(self):
+        return epmd.unpack_state(epmd.read_state_fd(self.e.fdstore.state_fd), records=True)
+
+
+def epmd_alive2(name, port):
+    from helpers import alive2
+    return alive2(name, port=port)
+
+
+def test_fdstore_records_replay_to_the_table():
+    """2,000 random registrations and closes (names from a pool of 40, the
+    unreg list capped at 5 so entries are reused, stolen and cut), synced
+    after 1 to 6 changes at a time: the state plus its change records always
+    read back as the table itself (names, ports, creations, both orders), and
+    the state is rewritten whole now and then (it never grows beyond twice
+    the state plus FDSTORE_COMPACT_MIN)."""
+    import random
+    rng = random.Random(20)
+    h = StoreHarness(max_unreg=5)
+    e = h.e
+    rewrites, last_size = 0, 0
+    for step in range(2000):
+        name = b"n%d" % rng.randrange(40)
+        if name in h.peers and rng.random() < 0.6:
+            h.close(name)
+        elif name not in h.peers:
+            assert h.register(name, 1000 + step)
+        if rng.random() < 0.3:
+            e.fdstore_sync()
+            if e.fdstore.state_size != last_size or e.fdstore.end == e.fdstore.state_size:
+                rewrites += 1
+            last_size = e.fdstore.state_size
+            assert e.fdstore.end <= 2 * e.fdstore.state_size + epmd.FDSTORE_COMPACT_MIN + 8192
+            st = h.stored()
+            assert [(epmd._unb64(r["name"]), r["port"], r["cr_counter"]) for r in st["nodes"]] == \
+                [(n.name, n.port, n.cr_counter) for n in e.nodes.reg.values()]
+            assert [(epmd._unb64(r["name"]), r["cr_counter"]) for r in st["unreg"]] == \
+                [(n.name, n.cr_counter) for n in e.nodes.unreg.values()]
+            assert sorted(r["fd"] for r in st["conns"]) == \
+                sorted(n.conn.fd for n in e.nodes.reg.values())
+    assert rewrites >= 2
+
+
+def test_fdstore_record_cut_short_is_ignored():
+    """A change record cut short by a kill (or corrupt) ends the replay: the
+    records before it apply, nothing after it does."""
+    h = StoreHarness(max_unreg=5)
+    e = h.e
+    h.register(b"a", 1)
+    e.fdstore_sync()                     # the whole state: a
+    h.register(b"b", 2)
+    e.fdstore_sync()                     # a record: b
+    h.register(b"c", 3)
+    e.fdstore_sync()                     # a record: c
+    assert [r["port"] for r in h.stored()["nodes"]] == [1, 2, 3]
+    os.ftruncate(e.fdstore.state_fd, e.fdstore.end - 3)
+    assert [r["port"] for r in h.stored()["nodes"]] == [1, 2]
+    os.pwrite(e.fdstore.state_fd, b"\xff", e.fdstore.state_size + 10)
+    assert [r["port"] for r in h.stored()["nodes"]] == [1]

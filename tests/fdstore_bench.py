@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""What systemd's fd store costs epmd.py: registrations and lookups with it
+and without it.
+
+Under the stand-in for systemd (helpers.SystemdStandIn: CI has no systemd
+as PID 1), epmd.py -systemd is started with FileDescriptorStoreMax (the
+stand-in's limit, announced in $FDSTORE) above the node count, and once
+with no store ($FDSTORE unset).  For each node count: the wall time and the
+daemon's CPU time (user + system, /proc/PID/stat) to register the nodes one
+after the other from this process, and the bytes the daemon wrote
+(/proc/PID/io wchar: the store's state memfd and its notify datagrams);
+then, with --churn nodes registered, the PORT_PLEASE2 round trip (a new
+connection each) p50 and p99 while another thread registers and closes one
+more node in a loop.  Standard library and tests/helpers.py only.
+
+    python3 tests/fdstore_bench.py [--nodes 2000,10000] [--churn 2000] [--epmd PATH]
+"""
+
+import argparse
+import resource
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import (SystemdStandIn, creation_of, frame, free_port, proc_cpu,  # noqa: E402
+                     read_to_eof, register)
+
+
+def wchar(pid):
+    with open("/proc/%d/io" % pid) as f:
+        for line in f:
+            if line.startswith("wchar:"):
+                return int(line.split()[1])
+    return 0
+
+
+def start(tmp, n, store, epmd):
+    sd = SystemdStandIn(Path(tmp), free_port(), (), limit=n + 16 if store else 0)
+    if epmd:
+        sd.epmd_py = epmd
+    sd.start()
+    if not sd.wait_ready(1):
+        raise RuntimeError(sd.stderr())
+    return sd
+
+
+def register_all(port, n, tag):
+    socks = []
+    for i in range(n):
+        s, reply = register(port, "%s%d" % (tag, i), port=10000 + i % 50000)
+        if creation_of(reply) is None:
+            raise RuntimeError("refused: %r" % reply)
+        socks.append(s)
+    return socks
+
+
+def lookups(port, name, seconds):
+    times = []
+    ask = frame(b"z" + name)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        t = time.perf_counter()
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(ask)
+            reply = read_to_eof(s)
+        times.append(time.perf_counter() - t)
+        assert reply[:2] == b"w\x00", reply
+    times.sort()
+    return statistics.median(times) * 1e6, times[int(len(times) * 0.99)] * 1e6, len(times)
+
+
+def churn(port, stop, count):
+    while not stop.is_set():
+        s, reply = register(port, "churner")
+        s.close()
+        if creation_of(reply) is not None:
+            count[0] += 1
+        else:
+            time.sleep(0.001)
+
+
+def main(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--nodes", default="2000,10000")
+    ap.add_argument("--churn", type=int, default=2000)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--epmd", help="another epmd.py to measure instead of this one")
+    a = ap.parse_args(argv)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    print("%-32s %10s %10s %12s %12s" % ("registering N nodes", "wall s", "CPU s", "kB written",
+                                          "B written/reg"))
+    for n in [int(x) for x in a.nodes.split(",")]:
+        for store in (False, True):
+            with tempfile.TemporaryDirectory() as tmp:
+                sd = start(tmp, n, store, a.epmd)
+                try:
+                    cpu0, w0, t0 = proc_cpu(sd.pid), wchar(sd.pid), time.monotonic()
+                    socks = register_all(sd.port, n, "n")
+                    wall = time.monotonic() - t0
+                    cpu, w = proc_cpu(sd.pid) - cpu0, wchar(sd.pid) - w0
+                    for s in socks:
+                        s.close()
+                finally:
+                    sd.close()
+            print("%-32s %10.2f %10.2f %12.0f %12.0f" % (
+                "%d, %s" % (n, "fd store" if store else "no store"), wall, cpu, w / 1024, w / n),
+                flush=True)
+    print("\n%-32s %10s %10s %10s %12s" % ("PORT_PLEASE2 during churn", "p50 us", "p99 us",
+                                          "lookups", "churn cycles"))
+    for store in (False, True):
+        for churning in (False, True):
+            with tempfile.TemporaryDirectory() as tmp:
+                sd = start(tmp, a.churn + 1, store, a.epmd)
+                try:
+                    socks = register_all(sd.port, a.churn, "n")
+                    stop, count = threading.Event(), [0]
+                    t = threading.Thread(target=churn, args=(sd.port, stop, count))
+                    if churning:
+                        t.start()
+                    p50, p99, k = lookups(sd.port, b"n7", a.seconds)
+                    stop.set()
+                    if churning:
+                        t.join()
+                    for s in socks:
+                        s.close()
+                finally:
+                    sd.close()
+            print("%-32s %10.0f %10.0f %10d %12d" % (
+                "%d nodes, %s, %s" % (a.churn, "fd store" if store else "no store",
+                                      "churn" if churning else "quiet"), p50, p99, k, count[0]),
+                flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
