@@ -1641,12 +1641,118 @@ def adopt_socket(fd, blocking):
     return socket.SocketType(family, socket.SOCK_STREAM, 0, fd)
 
 
-def check_image(path):
-    """Raise SyntaxError, ValueError or OSError unless the program file
-    *path* compiles (run before a re-exec, so a broken upgrade is refused)."""
-    with open(path, "rb") as f:
-        source = f.read()
-    compile(source, path, "exec", dont_inherit=True)
+HANDOVER_CHECK_ENV = "EPMD_PY_HANDOVER_CHECK"   # set: main() only says what it reads
+HANDOVER_CHECK_REPLY = "epmd.py hand-over check: reads state format %d"
+HANDOVER_CHECK_TIMEOUT = 5.0        # seconds the new image has to answer the check
+IMAGE_BAD_MODE = 0o022              # group- or other-writable: refused (as sshd's StrictModes)
+
+
+class ImageError(Exception):
+    """The program file a re-exec would run cannot be trusted or used: the
+    message says why, and the old image keeps serving."""
+
+
+def open_image(path, uid=None):
+    """Open the program file *path* once and check it as sshd's StrictModes
+    checks a key file: a regular file owned by root or by *uid* (default:
+    this process's effective uid), writable by nobody else, in a directory
+    of which the same holds.  Return (its os.stat_result, its bytes).
+    Raises ImageError (or OSError when it cannot be read)."""
+    uid = os.geteuid() if uid is None else uid
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        chunks = []
+        while True:
+            data = os.read(fd, 1 << 20)
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(fd)
+    import stat as stat_
+    if not stat_.S_ISREG(st.st_mode):
+        raise ImageError("%s is not a regular file" % path)
+    for what, where, info in (("file", path, st),
+                              ("directory", os.path.dirname(os.path.abspath(path)),
+                               os.stat(os.path.dirname(os.path.abspath(path))))):
+        if info.st_uid not in (0, uid):
+            raise ImageError("the %s %s is owned by uid %d, not by root or the daemon's uid %d"
+                             % (what, where, info.st_uid, uid))
+        if info.st_mode & IMAGE_BAD_MODE and not (what == "directory"
+                                                   and info.st_mode & stat_.S_ISVTX
+                                                   and st.st_uid in (0, uid)):
+            raise ImageError("the %s %s is writable by %s (mode %04o)"
+                             % (what, where, "others" if info.st_mode & 0o002 else "its group",
+                                stat_.S_IMODE(info.st_mode)))
+    return st, b"".join(chunks)
+
+
+def same_file(path, st):
+    """True when *path* is still the file that open_image read (device,
+    inode, size, modification time): nothing replaced or changed it since."""
+    try:
+        now = os.stat(path)
+    except OSError:
+        return False
+    return ((now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns)
+            == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+
+
+def check_image(path, source):
+    """Raise ImageError unless *source*, the bytes of the program file
+    *path*, compiles; every failure of compile() is caught (a file can make
+    it raise SyntaxError, ValueError, MemoryError, RecursionError, ...)."""
+    try:
+        compile(source, path, "exec", dont_inherit=True)
+    except Exception as e:  # anything compile() raises refuses the file
+        raise ImageError("%s does not compile: %s: %s" % (path, type(e).__name__, e)) from None
+
+
+def interpreter_args():
+    """The interpreter's own command-line options this process was started
+    with (-S, -W ..., -X ..., -O, ...), to start the new image the same way:
+    sys.orig_argv up to the program on Python 3.10+, else rebuilt from
+    sys.flags, sys.warnoptions and sys._xoptions."""
+    orig = getattr(sys, "orig_argv", None)
+    if orig and sys.argv:
+        main = sys.modules.get("__main__")
+        spec = getattr(main, "__spec__", None)
+        for i, arg in enumerate(orig[1:], 1):
+            if (spec is not None and arg.startswith("-m")) or arg == sys.argv[0]:
+                return list(orig[1:i])
+    import subprocess
+    return list(getattr(subprocess, "_args_from_interpreter_flags", lambda: [])())
+
+
+def try_image(argv, environ, timeout=HANDOVER_CHECK_TIMEOUT):
+    """Run the new image as *argv* would (interpreter, its options, the
+    program, the daemon's command line) with HANDOVER_CHECK_ENV set: it must
+    import, accept the command line and print HANDOVER_CHECK_REPLY with the
+    state format it reads, within *timeout* seconds.  Returns that format
+    version; raises ImageError with what went wrong."""
+    import subprocess
+    env = dict(environ)
+    env[HANDOVER_CHECK_ENV] = "1"
+    env.pop(HANDOVER_ENV, None)
+    try:
+        p = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, timeout=timeout, close_fds=True)
+    except subprocess.TimeoutExpired:
+        raise ImageError("the new image did not answer the hand-over check within %g s"
+                         % timeout) from None
+    except OSError as e:
+        raise ImageError("the new image cannot be started: %s" % e) from None
+    head, _, tail = HANDOVER_CHECK_REPLY.partition("%d")
+    for line in p.stdout.decode("utf-8", "replace").splitlines():
+        if line.startswith(head) and line.endswith(tail) and p.returncode == 0:
+            try:
+                return int(line[len(head):len(line) - len(tail)])
+            except ValueError:
+                break
+    err = (p.stderr or p.stdout).decode("utf-8", "replace").strip().splitlines()
+    raise ImageError("the new image failed the hand-over check (exit status %d%s)"
+                     % (p.returncode, ": " + err[-1][:300] if err else ", no answer"))
 
 
 def options_from_state(opts, state):
@@ -1928,11 +2034,55 @@ class Handover:
                 "unreg": [node_record(n) for n in nodes.unreg.values()],
                 "fdstore": self.fdstore.record() if self.fdstore is not None else None}
 
+    def reexec_command(self):
+        """Return (argv, files, cwd) of the re-exec: the same interpreter
+        with its own options (interpreter_args), in the same form as this
+        image (``python -m epmd``, a script, or the `epmd` console script),
+        with the daemon's command line; the program files it will read; the
+        directory to run it in (for ``-m``, the one it was found in)."""
+        module = os.path.abspath(__file__)
+        head = [sys.executable] + interpreter_args()
+        if self.module_name:            # started as python -m epmd
+            where = os.path.dirname(module)
+            cwd = where if sys.path and sys.path[0] == where else None
+            return head + ["-m", self.module_name] + list(self.argv), [module], cwd
+        files = [self.script] + ([module] if module != self.script else [])
+        return head + [self.script] + list(self.argv), files, None
+
+    def reexec_check(self):
+        """Check everything a re-exec needs before the point of no return;
+        return (argv, cwd, checked files with their stat) or raise
+        ImageError.  Each program file is opened once, must be trusted
+        (open_image) and compile (check_image); the new image, started as
+        the re-exec will start it, must pass the hand-over check (try_image)
+        and read this image's state format."""
+        argv, files, cwd = self.reexec_command()
+        checked = []
+        for path in files:
+            st, source = open_image(path)
+            check_image(path, source)
+            checked.append((path, st))
+        if cwd is not None:
+            here = os.getcwd()
+            os.chdir(cwd)
+        try:
+            version = try_image(argv, os.environ)
+        finally:
+            if cwd is not None:
+                os.chdir(here)
+        if version != HANDOVER_VERSION:
+            raise ImageError("the new image reads state format %d, this one writes %d"
+                             % (version, HANDOVER_VERSION))
+        return argv, cwd, checked
+
     def reexec(self):
         """Re-execute the program in place, handing everything over (D16).
 
         Refused, with a log line, and the old image keeps serving: off Linux,
-        when the program file does not compile, when execve fails.
+        when the program file is not trusted (owner, mode), does not
+        compile, or fails the hand-over check in a child process (does not
+        import, refuses the command line, reads another state format), when
+        it changed after the check, when execve fails.
         """
         log = self.log
         self.reexec_wanted = False
@@ -1941,18 +2091,13 @@ class Handover:
             log.dbg_printf(0, "SIGUSR2 ignored: re-exec with hand-over needs Linux (this is %s)",
                            sys.platform)
             return
-        script = self.script
-        if not script or not sys.executable:
+        if not (self.script or self.module_name) or not sys.executable:
             log.dbg_printf(0, "SIGUSR2 ignored: the program file or interpreter is unknown")
             return
         try:
-            check_image(script)
-            module = os.path.abspath(__file__)
-            if module != script:        # the `epmd` console script imports this file
-                check_image(module)
-        except (OSError, SyntaxError, ValueError) as e:
-            log.dbg_printf(0, "re-exec refused, the old image keeps serving: %s does not "
-                           "compile: %s", script, e)
+            argv, cwd, checked = self.reexec_check()
+        except (ImageError, OSError) as e:
+            log.dbg_printf(0, "re-exec refused, the old image keeps serving: %s", e)
             return
         if self.systemd:
             sd_notify(SD_RELOADING % (time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
@@ -1970,11 +2115,20 @@ class Handover:
                 os.set_inheritable(fd, True)
             env = dict(os.environ)
             env[HANDOVER_ENV] = format_handover_env(state_fd, listen, conn_fds, self.fdstore)
-            argv = [sys.executable, script] + list(self.argv)
+            for path, st in checked:
+                if not same_file(path, st):
+                    raise OSError(errno.ESTALE, "%s changed after it was checked" % path)
             log.dbg_printf(0, "SIGUSR2: re-executing %s, handing over %d nodes, %d connections",
-                           script, len(state["nodes"]), len(conn_fds))
+                           "-m " + self.module_name if self.module_name else self.script,
+                           len(state["nodes"]), len(conn_fds))
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
-            os.execve(sys.executable, argv, env)
+            back = os.getcwd()
+            if cwd is not None:
+                os.chdir(cwd)
+            try:
+                os.execve(sys.executable, argv, env)
+            finally:
+                os.chdir(back)
         except OSError as e:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})
             log.dbg_perror(e, "re-exec failed, the old image keeps serving")
@@ -2254,6 +2408,7 @@ class Epmd(Handover):
         self.paused_until = 0.0     # D2: listeners rest until this monotonic time
         self.last_tick = 0
         self.script = None          # hand-over: the program file a re-exec runs
+        self.module_name = None     # hand-over: or the module, when started with python -m
         self.argv = []              # hand-over: the command line it gets again
         self.reexec_wanted = False  # hand-over: set by SIGUSR2, acted on by the loop
         self.wakeup = None          # hand-over: the signal wake-up socket pair
@@ -4213,7 +4368,14 @@ def main(argv=None):
         return stop_cli(port, opts["stop_name"])
     if action == "status":
         return status_cli(port, opts["json"])
+    if os.environ.get(HANDOVER_CHECK_ENV) == "1":
+        # a re-exec's trial run (try_image): this image imports, takes the
+        # command line, and reads this state format; nothing else is done
+        sys.stdout.write(HANDOVER_CHECK_REPLY % HANDOVER_VERSION + "\n")
+        sys.stdout.flush()
+        return 0
     script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     handover = None
     try:
         handover = take_handover(os.environ, DebugLog(opts["debug"], opts["daemon"]))
@@ -4223,9 +4385,12 @@ def main(argv=None):
         opts = options_from_state(opts, handover["state"])
     epmd = make_daemon(opts)
     epmd.script = script if script and os.path.isfile(script) else None
+    epmd.module_name = spec.name if spec is not None and spec.name else None
     epmd.argv = list(argv)
     if handover is not None:
         epmd.handover = handover    # a re-exec: same PID, already detached
+        if epmd.log.is_daemon:
+            os.chdir("/")           # as run_daemon left it (a -m re-exec runs elsewhere)
         return serve(epmd)
     if opts["daemon"]:
         # D15: say before detaching that syslog will swallow every line

@@ -629,9 +629,13 @@ def register_mixed(port, n, tag="n"):
 _LAUNCH = """
 import fcntl, os, sys
 i = sys.argv.index("--")
-high = [fcntl.fcntl(int(fd), fcntl.F_DUPFD_CLOEXEC, 1000) for fd in sys.argv[1:i]]
+orig = [int(fd) for fd in sys.argv[1:i]]
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 1000) for fd in orig]
 for n, fd in enumerate(high):
     os.dup2(fd, 3 + n)
+for fd in orig:                 # as systemd: only 3 .. 3 + LISTEN_FDS - 1 are passed
+    if fd >= 3 + len(orig):
+        os.close(fd)
 env = dict(os.environ, LISTEN_PID=str(os.getpid()))
 os.execve(sys.argv[i + 1], sys.argv[i + 1:], env)
 """

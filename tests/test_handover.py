@@ -242,8 +242,9 @@ def test_new_file_that_does_not_compile_is_refused(start_ours, tmp_path):
 
 def test_failed_execve_keeps_the_old_image(tmp_path):
     """The interpreter the daemon runs from disappears (an upgrade of Python
-    half done): execve fails, the failure is logged and the old image keeps
-    serving, nodes and all."""
+    half done): the trial run of the new image fails (before, execve
+    failed), that is logged and the old image keeps serving, nodes and
+    all."""
     python = tmp_path / "python3"
     os.symlink(sys.executable, python)
     port = free_port()
@@ -254,7 +255,8 @@ def test_failed_execve_keeps_the_old_image(tmp_path):
         nodes = register_mixed(port, 4)
         python.unlink()
         os.kill(d.pid, signal.SIGUSR2)
-        assert wait_until(lambda: "re-exec failed, the old image keeps serving" in d.stderr(), 10)
+        assert wait_until(lambda: "the old image keeps serving: the new image cannot be started"
+                          in d.stderr(), 10), d.stderr()
         assert d.alive()
         assert sorted(registered(port)) == sorted(n["name"] for n in nodes)
         s, reply = register(port, nodes[0]["name"])     # still owned by its node
@@ -267,30 +269,175 @@ def test_failed_execve_keeps_the_old_image(tmp_path):
         d.stop()
 
 
-def test_unreadable_state_starts_with_listeners_only(tmp_path):
-    """A new image that reads another state format version logs it and starts
-    with the listening sockets only: no connection is refused, the node
-    connections are closed (the nodes register again, as after a restart),
-    and the daemon serves."""
+def git_release(rev):
+    """The epmd.py of commit *rev* of this repository's history, or skip."""
+    import subprocess
+    p = subprocess.run(["git", "-C", str(EPMD_PY.parent), "show", "%s:epmd.py" % rev],
+                       capture_output=True, timeout=30)
+    if p.returncode != 0:
+        pytest.skip("no git history here: %s" % p.stderr.decode(errors="replace").strip())
+    return p.stdout
+
+
+BEFORE_HANDOVER = "5350702^"        # the last release without a hand-over
+BEFORE_CHECK = "eb55c79"            # the last release without the hand-over check
+
+BAD_IMAGES = {
+    # what the new file is -> what the refusal says
+    "import_error": (lambda good: good.replace(b"\nimport collections\n",
+                                               b"\nimport collections\nraise ImportError('half-installed')\n"),
+                     "failed the hand-over check (exit status 1: ImportError: half-installed"),
+    "format_bump": (lambda good: good.replace(b"HANDOVER_VERSION = 1\n", b"HANDOVER_VERSION = 99\n"),
+                    "the new image reads state format 99, this one writes 1"),
+    "memory_error": (lambda good: b"x = " + b"-" * 100000 + b"1\n",
+                     "does not compile: "),
+    "huge_sum": (lambda good: b"x = " + b"+".join([b"1"] * 200000) + b"\n",
+                 "does not compile: "),
+    "before_handover": (lambda good: git_release(BEFORE_HANDOVER), "failed the hand-over check"),
+    "before_check": (lambda good: git_release(BEFORE_CHECK), "failed the hand-over check"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_IMAGES))
+def test_reexec_into_a_file_that_cannot_take_over_is_refused(tmp_path, case):
+    """SIGUSR2 after the program file was replaced by one that cannot take
+    over (raises while importing, reads another state format, makes compile()
+    raise MemoryError or RecursionError, an older release without the
+    hand-over, or with it but without the check): the new file is tried in a
+    child process first, the refusal is logged, the old image keeps serving
+    with every node (0 lost), its log shows no second start; once the file
+    is mended, the next SIGUSR2 re-executes.  eb55c79 exec'd the first two
+    and the older releases and lost every node; the compile() errors ended
+    it before any execve."""
+    make, says = BAD_IMAGES[case]
     script, port, d = start_copy(tmp_path)
     try:
-        nodes = register_mixed(port, 3)
-        src = script.read_text()
-        assert "HANDOVER_VERSION = 1\n" in src
-        script.write_text(src.replace("HANDOVER_VERSION = 1\n", "HANDOVER_VERSION = 99\n"))
+        good = script.read_bytes()
+        nodes = register_mixed(port, 4)
+        script.write_bytes(make(good))
         os.kill(d.pid, signal.SIGUSR2)
-        assert wait_until(lambda: "starting with the listening sockets only" in d.stderr(), 15)
-        for n in nodes:
-            n["sock"].settimeout(5)
-            assert n["sock"].recv(1) == b""
+        assert wait_until(lambda: "re-exec refused, the old image keeps serving" in d.stderr(), 20)
+        assert says in d.stderr(), d.stderr()[-2000:]
         assert d.alive()
-        assert registered(port) == []
-        s, reply = register(port, nodes[0]["name"])
-        assert creation_of(reply) is not None
-        assert registered(port) == [nodes[0]["name"]]
-        s.close()
+        assert sorted(registered(port)) == sorted(n["name"] for n in nodes)
+        for n in nodes:                 # no node saw its connection close
+            n["sock"].setblocking(False)
+            with pytest.raises(BlockingIOError):
+                n["sock"].recv(1)
+        assert restored_count(d) == 0
+        script.write_bytes(good)
+        reexec(d)
+        assert sorted(registered(port)) == sorted(n["name"] for n in nodes)
     finally:
         d.stop()
+
+
+@pytest.mark.parametrize("case", ["file_0666_other_owner", "dir_0777", "file_group_writable"])
+def test_reexec_refuses_a_file_others_can_change(tmp_path, case):
+    """The program file (or its directory) can be changed by someone other
+    than root and the daemon's user: SIGUSR2 is refused, as sshd's
+    StrictModes refuses such a key file, and the old image keeps serving.
+    eb55c79, running as root, re-executed a file owned by nobody, mode
+    0666, in a 0777 directory."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to give the file to another user")
+    where = tmp_path / "bin"
+    where.mkdir()
+    script = where / "epmd_copy.py"
+    shutil.copy(EPMD_PY, script)
+    port = free_port()
+    d = Daemon("py", port, ["-port", str(port), "-address", "127.0.0.1"], base_env(), tmp_path)
+    d.exe = [sys.executable, str(script)]
+    d.start()
+    try:
+        nodes = register_mixed(port, 2)
+        if case == "file_0666_other_owner":
+            os.chown(script, 65534, 65534)
+            os.chmod(script, 0o666)
+            says = "is owned by uid 65534, not by root"
+        elif case == "dir_0777":
+            os.chmod(where, 0o777)
+            says = "is writable by others (mode 0777)"
+        else:
+            os.chmod(script, 0o664)
+            says = "is writable by its group (mode 0664)"
+        os.kill(d.pid, signal.SIGUSR2)
+        assert wait_until(lambda: "re-exec refused, the old image keeps serving" in d.stderr(), 10)
+        assert says in d.stderr(), d.stderr()[-1000:]
+        assert sorted(registered(port)) == sorted(n["name"] for n in nodes)
+        assert restored_count(d) == 0
+        os.chown(script, 0, 0)
+        os.chmod(script, 0o644)
+        os.chmod(where, 0o755)
+        reexec(d)
+        assert sorted(registered(port)) == sorted(n["name"] for n in nodes)
+    finally:
+        d.stop()
+
+
+def test_unreadable_state_closes_the_nodes_in_the_fd_store_too(standin, tmp_path):
+    """kill -9 under the fd store, then a start of an image that cannot read
+    the stored state (another format version): it starts with the listening
+    sockets only and removes every node's socket from the store
+    (FDSTOREREMOVE), so each node sees its connection close and can register
+    again; no name of a live node stays taken by a socket nobody reads."""
+    sd = standin()
+    sd.start()
+    assert sd.wait_ready(1)
+    nodes = register_mixed(sd.port, 3)
+    assert wait_until(lambda: len(sd.stored_names()) == 4)
+    sd.kill9()
+    bumped = tmp_path / "epmd_v99.py"
+    bumped.write_bytes(EPMD_PY.read_bytes().replace(b"HANDOVER_VERSION = 1\n",
+                                                    b"HANDOVER_VERSION = 99\n"))
+    sd.epmd_py = bumped
+    sd.start()
+    assert sd.wait_ready(2)
+    assert wait_until(lambda: "cannot read the state in systemd's fd store" in sd.stderr(), 10)
+    for n in nodes:
+        n["sock"].settimeout(5)
+        assert n["sock"].recv(1) == b""         # the close reached the node
+    assert wait_until(lambda: sd.stored_names() == ["epmd-state"], 10), sd.stored_names()
+    assert registered(sd.port) == []
+    s, reply = register(sd.port, nodes[0]["name"])
+    assert creation_of(reply) is not None
+    s.close()
+
+
+def test_handover_without_a_readable_state_cleans_up(monkeypatch):
+    """A new image given a state it cannot read (corrupt) closes every
+    handed-over connection and removes each from systemd's fd store by the
+    FDNAME that $EPMD_PY_HANDOVER names, outside the state: the nodes see
+    the close."""
+    import io
+    import socket
+    pairs = [socket.socketpair() for _ in range(3)]
+    state_fd = os.memfd_create("bad-state")
+    os.write(state_fd, b"EPMDPY-STATE garbage")
+    store_fd = os.memfd_create("store-state")
+    names = {a.fileno(): "epmd-node-%d" % i for i, (a, _) in enumerate(pairs)}
+    value = "1 state=%d listen= conns=%s store=%d:7 fdnames=%s" % (
+        state_fd, ",".join(str(a.fileno()) for a, _ in pairs), store_fd,
+        ",".join("%d:%s" % kv for kv in names.items()))
+    environ = {epmd.HANDOVER_ENV: value}
+    log = epmd.DebugLog(0, out=io.BytesIO())
+    handover = epmd.take_handover(environ, log)
+    assert handover["state"] is None and handover["store"] == (store_fd, 7)
+    assert handover["fdnames"] == names
+    removed = []
+    monkeypatch.setattr(epmd.FdStore, "remove", lambda self, name: removed.append(name))
+    e = epmd.Epmd(port=4369, systemd=True, log=log)
+    e.handover = dict(handover, listen=[])
+    e.fdstore = epmd.FdStore.adopt({}, {"state_fd": store_fd, "seq": 7}, log)
+    import selectors
+    e.sel = selectors.DefaultSelector()
+    e.handover_resume()
+    assert sorted(removed) == sorted(names.values())
+    for a, b in pairs:
+        b.settimeout(5)
+        assert b.recv(1) == b""
+        a.detach()                      # closed by handover_resume
+        b.close()
 
 
 def test_connection_closed_during_handover_is_unregistered_at_once(start_ours):
@@ -712,3 +859,61 @@ def test_fdstore_record_cut_short_is_ignored():
     assert [r["port"] for r in h.stored()["nodes"]] == [1, 2]
     os.pwrite(e.fdstore.state_fd, b"\xff", e.fdstore.state_size + 10)
     assert [r["port"] for r in h.stored()["nodes"]] == [1]
+
+
+# -- the same interpreter, options and form (issue 23, finding 9) --------------------
+
+def helpers_find_pids(*needles):
+    from helpers import find_pids
+    return find_pids(*needles)
+
+
+def cmdline_of(pid):
+    with open("/proc/%d/cmdline" % pid, "rb") as f:
+        return f.read().split(b"\0")[:-1]
+
+
+@pytest.mark.parametrize("form", ["script", "module", "module_daemon"])
+def test_reexec_keeps_interpreter_options_and_form(form, tmp_path, monkeypatch):
+    """A daemon started with interpreter options (-X, -W) as a script or as
+    `python -m epmd` (also with -daemon, which leaves it in "/") comes back
+    from SIGUSR2 with the same command line: the same interpreter, options
+    and form (eb55c79 dropped the options and turned -m into a script)."""
+    import subprocess
+    port = free_port()
+    flags = ["-X", "faulthandler", "-W", "ignore::DeprecationWarning"]
+    prog = [str(EPMD_PY)] if form == "script" else ["-m", "epmd"]
+    args = ["-port", str(port), "-address", "127.0.0.1"]
+    cmd = [sys.executable] + flags + prog + args
+    pid = None
+    if form == "module_daemon":
+        r = subprocess.run(cmd + ["-daemon"], env=base_env(), cwd=str(EPMD_PY.parent), timeout=30)
+        assert r.returncode == 0
+        pid = _one(helpers_find_pids("epmd", "-daemon", str(port)))
+        assert pid is not None
+        d = None
+    else:
+        d = Daemon("py", port, args, base_env(), tmp_path)
+        d.exe = [sys.executable] + flags + prog
+        if form == "module":
+            monkeypatch.chdir(EPMD_PY.parent)   # -m finds epmd.py in the working directory
+        d.start()
+        pid = d.pid
+    try:
+        nodes = register_mixed(port, 2)
+        before = cmdline_of(pid)
+        image = stack_of(pid)
+        os.kill(pid, signal.SIGUSR2)
+        assert wait_until(lambda: stack_of(pid) != image, 15)
+        assert wait_until(lambda: sorted(registered(port)) == sorted(n["name"] for n in nodes), 10)
+        assert cmdline_of(pid) == before, (before, cmdline_of(pid))
+        assert cmdline_of(pid)[1:5] == [x.encode() for x in flags]
+        if form == "module_daemon":
+            assert os.readlink("/proc/%d/cwd" % pid) == "/"
+        for n in nodes:
+            n["sock"].close()
+    finally:
+        if d is not None:
+            d.stop()
+        else:
+            os.kill(pid, signal.SIGTERM)
