@@ -30,7 +30,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import (EPMD_PY, ERL, OTP_EPMD, LineClient, Nodes, base_env, build_cnode, build_jnode,
+from helpers import (ECHO_LOOP, EPMD_PY, ERL, OTP_EPMD, LineClient, Nodes, base_env, build_cnode, build_jnode,
                      find_erl_interface, find_jinterface_jar, free_port, need, port_please, registered,
                      wait_until)
 
@@ -107,6 +107,18 @@ def reply_dump(log, name):
     return log[k:j].splitlines()
 
 
+def start_echo(nodes, d):
+    """Start an `erl` node 'a' whose process registered as echo answers
+    {From, M} with {echo, M}; return its name once echo is registered (a
+    node registers with epmd before its -eval code runs)."""
+    p = nodes.start("a", ECHO_LOOP.replace("register(echo, self()), ",
+                                            'register(echo, self()), io:format("ECHO READY~n"), '))
+    line = p.stdout.readline()
+    assert line == b"ECHO READY\n", line + p.stdout.read()
+    assert nodes.name("a").encode() in registered(d.port)
+    return nodes.name("a")
+
+
 def erl_side(nodes, peer, mailbox):
     """Run an `erl` node 'b' that lists the names (net_adm:names/0), pings
     *peer* (the client's full name) and sends {self(), hello_from_erl} to
@@ -134,9 +146,7 @@ def test_java_node(impl, nodes, jnode, clients):
     versions 6..6, ALIVE2_X_RESP) and the refused STOP_REQ of
     OtpNode.close()."""
     d, n = nodes
-    a = n.name("a")
-    n.start("a")
-    assert wait_until(lambda: a.encode() in registered(d.port), 30)
+    a = start_echo(n, d)
     j = n.name("j")
     env = dict(n.env)
     c = LineClient(jnode + [j, COOKIE], env)
@@ -170,7 +180,7 @@ def test_java_node(impl, nodes, jnode, clients):
     assert "GOT {jecho,hello_from_erl}" in out, out
 
     # the process ends: OtpNode.close() sends STOP_REQ (refused), the name goes
-    assert c.close() == 0, c.lines
+    assert c.close() == 0
     assert "-> UNPUBLISH %s port=%s" % (full, port) in c.lines
     assert wait_until(lambda: j.encode() not in registered(d.port), 10)
     assert registered(d.port) == [a.encode()]
@@ -188,9 +198,7 @@ def test_c_node(impl, nodes, cnode, clients, mode):
     is gone.  OTP's epmd does the same and logs the same request (type 104,
     hidden, versions 6..6, ALIVE2_X_RESP)."""
     d, n = nodes
-    a = n.name("a")
-    n.start("a")
-    assert wait_until(lambda: a.encode() in registered(d.port), 30)
+    a = start_echo(n, d)
     name = n.name("c")
     argv = [cnode, name, COOKIE, mode]
     fixed = None
@@ -225,6 +233,6 @@ def test_c_node(impl, nodes, cnode, clients, mode):
     assert "PING pong" in out, out
     assert "GOT {cecho,hello_from_erl}" in out, out
 
-    assert c.close() == 0, c.lines
+    assert c.close() == 0
     assert wait_until(lambda: name.encode() not in registered(d.port), 10)
     assert registered(d.port) == [a.encode()]
