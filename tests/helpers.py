@@ -21,6 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 EPMD_PY = ROOT / "epmd.py"
 REQUIRE_ERLANG = os.environ.get("EPMD_TEST_REQUIRE_ERLANG") == "1"
+# The interpreter that runs epmd.py, as daemon and as client, in the tests:
+# $EPMD_TEST_PYTHON (`make test-pythons` sets it to each Python it finds),
+# else the one running the tests.
+DAEMON_PYTHON = os.environ.get("EPMD_TEST_PYTHON") or sys.executable
+OURS = (DAEMON_PYTHON, str(EPMD_PY))
 
 U16 = struct.Struct(">H")
 U32 = struct.Struct(">I")
@@ -269,7 +274,7 @@ class Daemon:
         return self.proc.pid
 
     def command(self):
-        exe = [sys.executable, str(EPMD_PY)] if self.impl == "py" else [OTP_EPMD]
+        exe = list(OURS) if self.impl == "py" else [OTP_EPMD]
         if self.exe:
             exe = list(self.exe)
         return exe + self.args

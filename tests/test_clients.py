@@ -27,10 +27,9 @@ JInterface, from its own trace, ``-DOtpConnection.trace=4``):
 """
 
 import subprocess
-import sys
 
 import pytest
-from helpers import (ECHO_LOOP, EPMD_PY, ERL, OTP_EPMD, LineClient, Nodes, base_env, build_cnode, build_jnode,
+from helpers import (ECHO_LOOP, ERL, OTP_EPMD, OURS, LineClient, Nodes, base_env, build_cnode, build_jnode,
                      find_erl_interface, find_jinterface_jar, free_port, need, port_please, registered,
                      wait_until)
 
@@ -83,7 +82,7 @@ def clients():
 
 def names_lines(impl, port):
     """`epmd -port P -names` of the same implementation as the daemon, as lines."""
-    exe = [sys.executable, str(EPMD_PY)] if impl == "py" else [OTP_EPMD]
+    exe = list(OURS) if impl == "py" else [OTP_EPMD]
     out = subprocess.run(exe + ["-port", str(port), "-names"], capture_output=True, text=True,
                          timeout=20, env=base_env())
     assert out.returncode == 0, out
