@@ -6,7 +6,10 @@ Interpreters are looked for as ``python3.N`` on PATH and under pyenv's
 versions directory ($PYENV_ROOT, else ~/.pyenv), keeping only those that
 run and say they are 3.N (a pyenv shim for a version not selected fails).
 pytest itself runs under this interpreter (the venv's); $EPMD_TEST_PYTHON
-tells tests/helpers.py which one runs epmd.py.  A missing interpreter is
+tells tests/helpers.py which one runs epmd.py, and $EPMD_TEST_IMPLS=py leaves
+out the black-box tests' runs against OTP's epmd, which `make test` makes
+and which no Python changes (tests that compare both daemons in one run,
+such as the -d log against OTP's, still run).  A missing interpreter is
 reported as a skip, naming it; the status is non-zero when a run fails.
 
     python3 tests/pythons.py [pytest arguments; default -m "not slow"]
@@ -77,7 +80,8 @@ def main(args):
         path, v = found[minor]
         version = "%d.%d.%d" % v
         print("\n=== epmd.py under Python %s (%s) ===" % (version, path), flush=True)
-        env = dict(os.environ, EPMD_TEST_PYTHON=path)
+        # OTP's epmd, a C program, ran in `make test`; here only epmd.py changes
+        env = dict(os.environ, EPMD_TEST_PYTHON=path, EPMD_TEST_IMPLS="py")
         t0 = time.monotonic()
         p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"] + TESTS + args,
                            cwd=str(ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
