@@ -1,4 +1,4 @@
-"""Java nodes (JInterface) and C nodes (erl_interface's ei) against both daemons.
+"""Java nodes (JInterface), C nodes (erl_interface's ei) and erl_call against both daemons.
 
 Real programs, compiled by the tests from ``tests/clients/`` once a session:
 ``JNode.java`` with ``javac`` against Debian's ``erlang-jinterface``
@@ -24,8 +24,11 @@ JInterface, from its own trace, ``-DOtpConnection.trace=4``):
   ``ei_connect`` looks the peer up with PORT_PLEASE2_REQ (122).  ei does not
   answer ``net_adm:ping`` by itself: the C node answers net_kernel's
   ``is_auth`` call.
+- erl_call (erlang-base, built on ei) does not register; each call is one
+  PORT_PLEASE2_REQ.
 """
 
+import shutil
 import subprocess
 
 import pytest
@@ -234,4 +237,32 @@ def test_c_node(impl, nodes, cnode, clients, mode):
 
     assert c.close() == 0
     assert wait_until(lambda: name.encode() not in registered(d.port), 10)
+    assert registered(d.port) == [a.encode()]
+
+
+def test_erl_call(impl, nodes):
+    """OTP's erl_call (erlang-base, built on ei) finds an erl node through
+    the daemon (a PORT_PLEASE2_REQ for each call), calls a function in it and
+    evaluates an expression listing the names; a name not registered is
+    "failed to connect", status 1.  erl_call does not register itself.  The
+    same with OTP's epmd."""
+    erl_call = shutil.which("erl_call")
+    if erl_call is None:
+        need("erl_call")
+    d, n = nodes
+    a = start_echo(n, d)
+    asked = d.stderr().count("** got PORT2_REQ")
+    out = subprocess.run([erl_call, "-c", COOKIE, "-sname", a, "-a", "erlang node []"], env=n.env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out
+    assert out.stdout.startswith(a + "@"), out
+    out = subprocess.run([erl_call, "-c", COOKIE, "-sname", a, "-e"], env=n.env, capture_output=True,
+                         text=True, timeout=60, input="{ok, N} = net_adm:names(), lists:sort(N).\n")
+    assert out.returncode == 0, out
+    assert out.stdout == '{ok, [{"%s", %d}]}' % (a, port_please(d.port, a)), out
+    out = subprocess.run([erl_call, "-c", COOKIE, "-sname", "nosuch_" + n.tag, "-a", "erlang node []"],
+                         env=n.env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "failed to connect to node nosuch_" in out.stderr, out
+    # one PORT_PLEASE2_REQ for each of the three calls, and port_please()'s
+    assert d.stderr().count("** got PORT2_REQ") == asked + 4
     assert registered(d.port) == [a.encode()]
