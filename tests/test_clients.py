@@ -46,8 +46,7 @@ def jnode(tmp_path_factory):
     """The java command line of tests/clients/JNode.java, compiled once."""
     if find_jinterface_jar() is None:
         need("JInterface's OtpErlang.jar", "erlang-jinterface")
-    if subprocess.run(["sh", "-c", "command -v javac && command -v java"],
-                      capture_output=True).returncode != 0:
+    if shutil.which("javac") is None or shutil.which("java") is None:
         need("javac and java", "default-jdk-headless")
     return build_jnode(tmp_path_factory.mktemp("jnode"))
 
@@ -57,7 +56,7 @@ def cnode(tmp_path_factory):
     """The executable of tests/clients/cnode.c, compiled once."""
     if find_erl_interface() is None:
         need("erl_interface's ei.h and libei.a", "erlang-dev")
-    if subprocess.run(["sh", "-c", "command -v cc"], capture_output=True).returncode != 0:
+    if shutil.which("cc") is None:
         need("a C compiler (cc)", "gcc and libc6-dev")
     return build_cnode(tmp_path_factory.mktemp("cnode"))
 
