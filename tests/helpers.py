@@ -378,6 +378,7 @@ class Nodes:
                 p.kill()
             p.wait(10)
 
+
 # -- other clients OTP ships: Java nodes (JInterface), C nodes (ei) ----------------
 
 CLIENTS = Path(__file__).resolve().parent / "clients"
@@ -1249,3 +1250,4 @@ def run_requests(port, requests, conc=0, start_at=None, spread=0.0, check=None,
     out["failed"] += len(requests) - pending
     sel.close()
     return out
+
