@@ -1,6 +1,9 @@
 # epmd.py: test, lint, man page, install.
 #
 #   make test                      run the tests (creates .venv)
+#   make test-pythons              the wire, erl and client tests with epmd.py
+#                                  run by Python 3.8 and the newest Python 3
+#                                  found (tests/pythons.py says which ran)
 #   make lint                      ruff, mypy, and vermin proving Python 3.8 is enough
 #   make man                       regenerate man/epmd.1 from man/epmd.rst
 #   make soak                      long reliability runs (1M churn cycles, 1M fuzz packets)
@@ -35,7 +38,7 @@ UNITS = epmd.service epmd.socket
 
 LINT_DEPS = ruff mypy vermin
 
-.PHONY: all test lint man soak bench install uninstall clean
+.PHONY: all test test-pythons lint man soak bench install uninstall clean
 
 all: test
 
@@ -47,6 +50,9 @@ $(VENV)/.stamp: tests/requirements.txt
 
 test: $(VENV)/.stamp
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+test-pythons: $(VENV)/.stamp
+	$(VPY) tests/pythons.py $(PYTEST_ARGS)
 
 $(VENV)/.lint-stamp: $(VENV)/.stamp
 	$(VPY) -m pip install -q $(LINT_DEPS)

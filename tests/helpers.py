@@ -21,6 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 EPMD_PY = ROOT / "epmd.py"
 REQUIRE_ERLANG = os.environ.get("EPMD_TEST_REQUIRE_ERLANG") == "1"
+# The interpreter that runs epmd.py, as daemon and as client, in the tests:
+# $EPMD_TEST_PYTHON (`make test-pythons` sets it to each Python it finds),
+# else the one running the tests.
+DAEMON_PYTHON = os.environ.get("EPMD_TEST_PYTHON") or sys.executable
+OURS = (DAEMON_PYTHON, str(EPMD_PY))
 
 U16 = struct.Struct(">H")
 U32 = struct.Struct(">I")
@@ -269,7 +274,7 @@ class Daemon:
         return self.proc.pid
 
     def command(self):
-        exe = [sys.executable, str(EPMD_PY)] if self.impl == "py" else [OTP_EPMD]
+        exe = list(OURS) if self.impl == "py" else [OTP_EPMD]
         if self.exe:
             exe = list(self.exe)
         return exe + self.args
@@ -372,6 +377,142 @@ class Nodes:
             if p.poll() is None:
                 p.kill()
             p.wait(10)
+
+
+# -- other clients OTP ships: Java nodes (JInterface), C nodes (ei) ----------------
+
+CLIENTS = Path(__file__).resolve().parent / "clients"
+
+
+def find_jinterface_jar():
+    """OtpErlang.jar of Debian's erlang-jinterface ($EPMD_TEST_OTPERLANG_JAR
+    wins), or None."""
+    env = os.environ.get("EPMD_TEST_OTPERLANG_JAR")
+    if env:
+        return env if os.path.isfile(env) else None
+    jars = sorted(glob.glob("/usr/lib/erlang/lib/jinterface-*/priv/OtpErlang.jar"))
+    return jars[-1] if jars else None
+
+
+def find_erl_interface():
+    """The erl_interface directory of Debian's erlang-dev (include/ei.h and
+    lib/libei.a), or None."""
+    for d in sorted(glob.glob("/usr/lib/erlang/lib/erl_interface-*"), reverse=True):
+        if os.path.isfile(os.path.join(d, "include", "ei.h")) and \
+                os.path.isfile(os.path.join(d, "lib", "libei.a")):
+            return d
+    return None
+
+
+def lib_version(path):
+    """'jinterface-1.13.1' from a path under /usr/lib/erlang/lib/, or ''."""
+    m = re.search(r"/lib/([a-z_]+-[0-9][0-9.]*)", str(path))
+    return m.group(1) if m else ""
+
+
+def build_jnode(outdir):
+    """Compile tests/clients/JNode.java into *outdir* with javac against
+    OtpErlang.jar; return the java command line up to the program's own
+    arguments (with JInterface's OtpEpmd trace on, level 4)."""
+    jar = find_jinterface_jar()
+    subprocess.run(["javac", "-cp", jar, "-d", str(outdir), str(CLIENTS / "JNode.java")],
+                   check=True, capture_output=True, timeout=120)
+    return ["java", "-DOtpConnection.trace=4", "-cp", "%s:%s" % (jar, outdir), "JNode"]
+
+
+def build_cnode(outdir):
+    """Compile tests/clients/cnode.c into *outdir* with cc against libei.a;
+    return the executable's path."""
+    ei = find_erl_interface()
+    exe = str(Path(outdir) / "cnode")
+    subprocess.run(["cc", "-O1", "-Wall", "-D_REENTRANT", "-I", os.path.join(ei, "include"),
+                    "-o", exe, str(CLIENTS / "cnode.c"), "-L", os.path.join(ei, "lib"),
+                    "-lei", "-lpthread"], check=True, capture_output=True, timeout=120)
+    return exe
+
+
+class LineClient:
+    """A client program that takes commands on stdin, one a line, and prints
+    lines on stdout (stderr with them), read by a thread; killed by PID at
+    the end."""
+
+    def __init__(self, argv, env):
+        import queue
+        import threading
+        self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, bufsize=1)
+        self.lines = []
+        self._q = queue.Queue()
+
+        def read():
+            for line in self.proc.stdout:
+                self._q.put(line.rstrip("\n"))
+            self._q.put(None)
+        threading.Thread(target=read, daemon=True).start()
+
+    def expect(self, prefix, timeout=30.0):
+        """The next line starting with *prefix* (lines before it are kept in
+        .lines); AssertionError with everything read if none comes."""
+        import queue
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._q.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is None:
+                raise AssertionError("no line %r from %s; read:\n%s"
+                                     % (prefix, self.proc.args[0], "\n".join(self.lines)))
+            self.lines.append(line)
+            if line.startswith(prefix):
+                return line
+
+    def ask(self, command, prefix, timeout=30.0):
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.expect(prefix, timeout)
+
+    def close(self, timeout=20.0):
+        """Close stdin (the program's cue to end) and wait; kill if it does not."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            return None
+        self.drain()
+        return rc
+
+    def drain(self, timeout=5.0):
+        """Keep in .lines whatever the program printed up to its end."""
+        import queue
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._q.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return
+            if line is None:
+                return
+            self.lines.append(line)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+def port_please(port, name):
+    """PORT_PLEASE2_REQ for *name* (str): the node's port, or None."""
+    reply = request(port, b"z" + name.encode())
+    assert len(reply) >= 2 and reply[0] == 119, reply
+    if reply[1] != 0:
+        return None
+    return U16.unpack_from(reply, 2)[0]
 
 
 # -- a second host: a network namespace ----------------------------------------

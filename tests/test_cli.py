@@ -12,7 +12,7 @@ import sys
 import threading
 
 import pytest
-from helpers import EPMD_PY, OTP_EPMD, ROOT, base_env, free_port, register, registered
+from helpers import DAEMON_PYTHON, OTP_EPMD, OURS, ROOT, base_env, free_port, register, registered
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -22,7 +22,7 @@ def client(which, args, env=None, cwd=None):
     if which == "otp" and OTP_EPMD is None:
         from helpers import need
         need("OTP's epmd binary")
-    exe = [sys.executable, str(EPMD_PY)] if which == "py" else [OTP_EPMD]
+    exe = list(OURS) if which == "py" else [OTP_EPMD]
     p = subprocess.run(exe + list(args), capture_output=True, timeout=30,
                        env=env if env is not None else base_env(), cwd=cwd)
     return p.returncode, p.stdout, p.stderr
@@ -228,11 +228,11 @@ def test_python_m_epmd_and_console_script(epmd, tmp_path):
     """`python3 -m epmd` and the `epmd` entry point behave as `python3 epmd.py`."""
     args = ["-port", str(epmd.port), "-names"]
     expected = client("py", args)
-    m = subprocess.run([sys.executable, "-m", "epmd"] + args, capture_output=True, cwd=ROOT,
+    m = subprocess.run([DAEMON_PYTHON, "-m", "epmd"] + args, capture_output=True, cwd=ROOT,
                        env=base_env(), timeout=30)
     assert (m.returncode, m.stdout, m.stderr) == expected
     entry = "import sys, epmd; sys.argv[0] = 'epmd'; epmd.console_main()"
-    script = subprocess.run([sys.executable, "-c", entry] + args, capture_output=True, cwd=ROOT,
+    script = subprocess.run([DAEMON_PYTHON, "-c", entry] + args, capture_output=True, cwd=ROOT,
                             env=base_env(), timeout=30)
     assert (script.returncode, script.stdout, script.stderr) == expected
     bad = subprocess.run([sys.executable, "-m", "epmd", "-bogus"], capture_output=True, cwd=ROOT,

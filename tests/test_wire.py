@@ -775,10 +775,9 @@ def test_erl_epmd_port_env(start_epmd):
     assert names(d.port)[0] == d.port
     d.stop()
     import subprocess
-    import sys
 
-    from helpers import EPMD_PY, OTP_EPMD
-    exe = [sys.executable, str(EPMD_PY)] if d.impl == "py" else [OTP_EPMD]
+    from helpers import OTP_EPMD, OURS
+    exe = list(OURS) if d.impl == "py" else [OTP_EPMD]
     p = subprocess.Popen(exe + ["-address", "127.0.0.1"], env=base_env(ERL_EPMD_PORT=str(port)),
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
