@@ -523,8 +523,10 @@ class Node:
     when unregistered), port, node type, protocol, highest and lowest
     version, name and extra (bytes, <= MAXSYMLEN each), cr_counter (u32).
     ``conn`` is the Connection holding the registration, or None.
-    ``since`` is when it registered (Unix time, seconds) and ``holder`` the
-    (conn, HolderScan) of the search for who holds it (Diagnostics).
+    ``since`` is when it registered (Unix time, seconds) and ``holder``
+    who holds it (D25, Diagnostics): None, (conn, HolderScan) while that is
+    searched, or (conn, the verdict: a str) once found; the table drops it
+    when the node leaves.
     """
 
     __slots__ = ("name", "fd", "port", "nodetype", "protocol", "highvsn", "lowvsn",
@@ -543,7 +545,7 @@ class Node:
         self.conn = None
         self.resp = None            # its PORT2_RESP, made on the first lookup
         self.since = 0.0            # Unix time of the registration (D25)
-        self.holder = None          # (conn, HolderScan): who holds it (D25)
+        self.holder = None          # (conn, HolderScan or verdict str): who holds it (D25)
 
     @property
     def creation(self):
@@ -671,6 +673,9 @@ class NodeTable:
             conn.node = None
         node.conn = None
         node.resp = None
+        if node.holder is not None and hasattr(node.holder[1], "close"):
+            node.holder[1].close()  # a HolderScan under way: its directories
+        node.holder = None          # nothing of a search outlives the registration
         self.asked.clear()
         unreg = self.unreg
         unreg[node.name] = node
@@ -1078,7 +1083,8 @@ TCP_ESTABLISHED = 0x01
 PROC_TCP_FIELDS = 10                # sl local rem st tx:rx tr:tm retrnsmt uid timeout inode
 SOCKET_LINK = "socket:[%d]"         # readlink of /proc/<pid>/fd/<n> for a socket
 IN4_WORD = struct.Struct("=I")      # /proc/net/tcp prints addresses as host-order words
-PROBE_TIMEOUT = 2.0                 # seconds a holder has to show up and answer NAMES_REQ
+PROBE_TIMEOUT = 2.0                 # seconds the holders have to show up and answer NAMES_REQ
+PROBE_MIN = 0.5                     # ... at least this long for the answers (2.5 s in all)
 MAX_PROBE_REPLY = 1 << 22           # bytes of a NAMES reply read while probing
 PROBE_RETRY = 0.05                  # seconds between looks for a listening holder
 
@@ -1217,7 +1223,10 @@ def check_port_holders(family, addr, port, ours=()):
     (another epmd may be between its bind and its listen); then the port is
     held by a socket that does not listen.  Without /proc our address itself
     is asked.  A wildcard holder is asked on our address (or, for a wildcard,
-    on the loopback address of our family).
+    on the loopback address of our family).  Each address is asked once,
+    however many sockets listen on it (SO_REUSEPORT), and all of it runs
+    under one deadline: PROBE_TIMEOUT seconds from the start, and at least
+    PROBE_MIN for the answers (at most 2.5 s in all).
     D18: OTP exits 0 whoever holds the port.
     """
     own = set()
@@ -1241,6 +1250,8 @@ def check_port_holders(family, addr, port, ours=()):
             raise StartupError("cannot listen on %s: in use by a socket that does not listen"
                                % where)
         time.sleep(PROBE_RETRY)
+    deadline = max(deadline, time.monotonic() + PROBE_MIN)
+    asked = {}                          # target address -> it answered as an epmd
     for hfamily, haddr, uid in holders:
         owner = "uid %d" % uid if uid is not None else "an unknown owner"
         shown = "[%s]:%d" % (haddr, port) if hfamily == socket.AF_INET6 else "%s:%d" % (haddr, port)
@@ -1251,7 +1262,10 @@ def check_port_holders(family, addr, port, ours=()):
             target = (family, addr)
         else:
             target = (family, LOOPBACK[family])
-        if not answers_as_epmd(target[0], target[1], port):
+        if target not in asked:
+            asked[target] = answers_as_epmd(target[0], target[1], port,
+                                            max(0.0, deadline - time.monotonic()))
+        if not asked[target]:
             raise StartupError("cannot listen on %s: in use by a listening socket of %s on %s "
                                "that does not answer as an epmd" % (where, owner, shown))
     raise AlreadyRunning("there is already a epmd running at port %d on ipaddr %s" % (port, addr))
@@ -3337,23 +3351,28 @@ class Diagnostics:
     peer of the registration connection: its pid and command), its address,
     since when the name is registered (wall clock) and its distribution
     port.  Finding the process runs in the daemon's single loop, so it is
-    bounded: one look-up takes at most DIAG_LOOKUP_BUDGET seconds (sock_diag
-    finds the socket's inode in one call; /proc/*/fd is then scanned, the
-    socket owner's processes first: HolderScan) and a token bucket allows
-    DIAG_LOOKUP_RATE look-ups per second (DIAG_LOOKUP_BURST in a row).  A
-    look-up cut short, or not made, logs what it has; a search cut short
-    resumes at the next refusal of the name.  The search is kept with the
-    Node, so once it is done further refusals of the same registration cost
-    no look-up.  *clock* is time.monotonic.
+    bounded by construction: one look-up takes at most DIAG_LOOKUP_BUDGET
+    seconds (sock_diag finds the socket's inode in one call; /proc/*/fd is
+    then scanned lazily, the socket owner's processes first: HolderScan,
+    which tests the deadline at every step), a token bucket allows
+    DIAG_LOOKUP_RATE look-ups per second (DIAG_LOOKUP_BURST in a row), and
+    one search at a time exists daemon-wide (``searching``: the Node whose
+    search is under way; a refusal of another name replaces it).  A look-up
+    cut short, or not made, logs what it has; a search cut short resumes at
+    the next refusal of the name.  A finished search leaves only its
+    verdict on the Node (a line of text), so further refusals of the same
+    registration cost no look-up; the node table drops it when the node
+    leaves.  *clock* is time.monotonic.
     """
 
-    __slots__ = ("log", "tokens", "refilled", "clock")
+    __slots__ = ("log", "tokens", "refilled", "clock", "searching")
 
     def __init__(self, log, clock=time.monotonic):
         self.log = log
         self.clock = clock
         self.tokens = float(DIAG_LOOKUP_BURST)
         self.refilled = clock()
+        self.searching = None       # the Node whose HolderScan is under way
 
     def take_token(self):
         """True if the rate allows one more look-up now (and count it)."""
@@ -3416,20 +3435,35 @@ class Diagnostics:
             time.ctime(since), age, node.port)
         conn = node.conn
         cached = node.holder
+        if cached is not None and cached[0] is conn and isinstance(cached[1], str):
+            return "held by %s, %s" % (cached[1], when)        # the verdict
         if cached is None or cached[0] is not conn:
             try:
                 family, peer, own = sock_addrs(conn.sock)
             except (OSError, AttributeError):
                 return "held by a connection that is going away, %s" % when
+            self.stop_search()
             cached = node.holder = (conn, HolderScan(family, peer, own))
+            self.searching = node
         scan = cached[1]
-        if not scan.done:
-            if not self.take_token():
-                return "held by %s, %s" % (scan.describe(
-                    "process not looked up: more than %g look-ups a second" % DIAG_LOOKUP_RATE),
-                    when)
-            scan.step(time.monotonic() + DIAG_LOOKUP_BUDGET)
-        return "held by %s, %s" % (scan.describe(), when)
+        if not self.take_token():
+            return "held by %s, %s" % (scan.describe(
+                "process not looked up: more than %g look-ups a second" % DIAG_LOOKUP_RATE),
+                when)
+        scan.step(time.monotonic() + DIAG_LOOKUP_BUDGET)
+        verdict = scan.describe()
+        if scan.done:
+            scan.close()
+            node.holder = (conn, verdict)
+            self.searching = None
+        return "held by %s, %s" % (verdict, when)
+
+    def stop_search(self):
+        """End the search under way, if any (one at a time daemon-wide)."""
+        node, self.searching = self.searching, None
+        if node is not None and node.holder is not None and not isinstance(node.holder[1], str):
+            node.holder[1].close()
+            node.holder = None
 
 
 class HolderScan:
@@ -3440,13 +3474,19 @@ class HolderScan:
     few refusals instead of stalling the loop.
 
     The socket's uid and inode come from sock_diag_find (or /proc/net/tcp
-    where sock_diag is missing); then /proc/<pid>/fd of each process,
-    newest pid first, the socket owner's processes before the others, is
-    searched for ``socket:[inode]``.  ``done`` once the answer is final.
+    where sock_diag is missing); then /proc is walked lazily (os.scandir),
+    twice at most: first the processes of the socket's owner, then, for
+    root only, the others; each process's /proc/<pid>/fd is listed lazily
+    and searched for ``socket:[inode]``.  A process this one may not read
+    (another user's, unless root) is counted in ``denied`` and skipped
+    without a walk.  The deadline is tested before every system call.
+    What it holds between steps is two directory iterators and counters,
+    whatever the number of processes or descriptors; close() releases
+    them.  ``done`` once the answer is final.
     """
 
-    __slots__ = ("family", "peer", "own", "uid", "inode", "pending", "later", "current",
-                 "pid", "denied", "done", "gone")
+    __slots__ = ("family", "peer", "own", "uid", "inode", "procs", "phase", "current",
+                 "pid", "denied", "done", "gone", "euid", "me")
 
     def __init__(self, family, peer, own):
         self.family = family
@@ -3454,13 +3494,15 @@ class HolderScan:
         self.own = own
         self.uid = None
         self.inode = None
-        self.pending = None         # pids not looked at yet (ascending; popped from the end)
-        self.later = []             # pids of other owners, for after the pending ones
-        self.current = None         # (pid, its fd names, next index) of a process cut short
+        self.procs = None           # os.scandir("/proc") under way, or None
+        self.phase = 0              # 0: the owner's processes; 1: the others (root); 2: done
+        self.current = None         # (pid, os.scandir of its fd directory) cut short
         self.pid = None
         self.denied = 0
         self.done = False
         self.gone = False           # the socket is not in this namespace's tables
+        self.euid = os.geteuid()
+        self.me = os.getpid()
 
     def find_socket(self, deadline):
         """Set uid and inode of the peer's socket; False if not found."""
@@ -3482,62 +3524,89 @@ class HolderScan:
 
     def step(self, deadline):
         """Search until done or *deadline* (a time.monotonic() value)."""
-        if self.inode is None and not self.find_socket(deadline):
+        if self.done or (self.inode is None and not self.find_socket(deadline)):
             return
-        if self.pending is None:
-            try:
-                self.pending = sorted(int(d) for d in os.listdir("/proc") if d.isdigit())
-            except OSError:
-                self.pending = []
         link = SOCKET_LINK % self.inode
-        me = os.getpid()
-        while True:
+        while time.monotonic() <= deadline:
             if self.current is None:
-                pid = self.next_pid()
+                pid = self.next_pid(deadline)
                 if pid is None:
-                    self.done = True
+                    self.finish()
                     return
-                if pid == me:
-                    continue
+                if pid < 0:                 # the deadline, while choosing
+                    return
                 try:
-                    fds = os.listdir("/proc/%d/fd" % pid)
+                    self.current = (pid, os.scandir("/proc/%d/fd" % pid))
                 except PermissionError:
                     self.denied += 1
                     continue
-                except OSError:
+                except OSError:             # gone meanwhile
                     continue
-                self.current = (pid, fds, 0)
-            pid, fds, i = self.current
-            while i < len(fds):
+            pid, fds = self.current
+            while True:
                 if time.monotonic() > deadline:
-                    self.current = (pid, fds, i)
                     return
                 try:
-                    if os.readlink("/proc/%d/fd/%s" % (pid, fds[i])) == link:
+                    entry = next(fds)
+                except (StopIteration, OSError):
+                    fds.close()
+                    self.current = None
+                    break
+                try:
+                    if os.readlink(entry.path) == link:
                         self.pid = pid
-                        self.done = True
+                        self.finish()
                         return
                 except OSError:
                     pass
-                i += 1
-            self.current = None
-            if time.monotonic() > deadline:
-                return
 
-    def next_pid(self):
-        """The next process to search: the socket owner's, newest first,
-        then the others'; None when all were searched."""
-        while self.pending:
-            pid = self.pending.pop()
+    def next_pid(self, deadline):
+        """The next process to search: the socket owner's, then (root only)
+        the others'; None when all were searched, -1 at the deadline."""
+        while True:
+            if time.monotonic() > deadline:
+                return -1
+            if self.procs is None:
+                if self.phase > (1 if self.euid == 0 else 0):
+                    return None
+                try:
+                    self.procs = os.scandir("/proc")
+                except OSError:
+                    return None
             try:
-                if os.stat("/proc/%d" % pid).st_uid == self.uid:
-                    return pid
-            except OSError:
+                entry = next(self.procs)
+            except (StopIteration, OSError):
+                self.procs.close()
+                self.procs = None
+                self.phase += 1
                 continue
-            self.later.append(pid)
-        if self.later:
-            return self.later.pop()
-        return None
+            name = entry.name
+            if not name.isdigit() or int(name) == self.me:
+                continue
+            try:
+                uid = entry.stat(follow_symlinks=False).st_uid
+            except OSError:                 # gone meanwhile
+                continue
+            if (uid == self.uid) != (self.phase == 0):
+                continue
+            if self.euid != 0 and uid != self.euid:
+                self.denied += 1            # not readable: skipped without a walk
+                continue
+            return int(name)
+
+    def finish(self):
+        """The answer is final: release what the search holds."""
+        self.done = True
+        self.close()
+
+    def close(self):
+        """Close the directory iterators (the search can no longer resume)."""
+        if self.current is not None:
+            self.current[1].close()
+            self.current = None
+        if self.procs is not None:
+            self.procs.close()
+            self.procs = None
 
     def describe(self, why=None):
         """``pid N (command), connected from A`` or what is known instead."""
