@@ -155,6 +155,21 @@ import struct
 import sys
 import time
 
+# The oldest Python this file runs on.  Python compiles the whole file before
+# it runs its first line, so this check can only speak on an interpreter that
+# parses every line of the file: 3.6 and 3.7 do (so nothing newer than 3.6's
+# syntax may appear anywhere: no assignment expressions, no positional-only
+# parameters, no f-string "="; tests/test_cli.py compiles the file with them),
+# and stop here, before anything that fails on them at run time (namedtuple's
+# defaults=).  Python 2 cannot parse the file: its SyntaxError shows the
+# print() line below, which says what is needed.
+MIN_PYTHON = (3, 8)
+OLD_PYTHON_EXIT = 2
+if sys.version_info < MIN_PYTHON:
+    found = "Python %s (%s)" % (sys.version.split()[0], sys.executable)
+    print("epmd.py needs Python 3.8 or later; found %s" % found, file=sys.stderr)
+    sys.exit(OLD_PYTHON_EXIT)
+
 __all__ = ["main", "Epmd", "NodeTable", "Node", "Connection", "DebugLog"]
 __version__ = "0.1.0"
 

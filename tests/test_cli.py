@@ -239,3 +239,50 @@ def test_python_m_epmd_and_console_script(epmd, tmp_path):
                          env=base_env(), timeout=30)
     assert bad.returncode == 1
 
+
+
+# -- an interpreter too old ------------------------------------------------------
+
+def old_python(version):
+    """The path of a Python *version* ("3.6") installed here (pyenv's
+    versions, then PATH), or a skip."""
+    import glob
+    import os
+    import shutil
+    found = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/%s.*/bin/python%s"
+                                                % (version, version))))
+    for cand in found + [shutil.which("python" + version) or ""]:
+        if cand and subprocess.run([cand, "-c", "pass"], capture_output=True,
+                                   timeout=30).returncode == 0:
+            return cand
+    pytest.skip("no Python %s here" % version)
+
+
+@pytest.mark.parametrize("version", ["3.6", "3.7"])
+def test_old_python_says_what_it_needs(version, tmp_path):
+    """Python 3.6 and 3.7 parse the whole file and stop at its version
+    check: one line on stderr naming what is needed and what was found,
+    exit 2 (no traceback), whatever the arguments."""
+    import epmd as mod
+    python = old_python(version)
+    subprocess.run([python, "-c", "import py_compile, sys; py_compile.compile(sys.argv[1], "
+                    "cfile=sys.argv[2], doraise=True)", str(EPMD_PY), str(tmp_path / "epmd.pyc")], check=True, timeout=30)
+    for args in (["-names"], ["-port", str(free_port()), "-status"], []):
+        p = subprocess.run([python, str(EPMD_PY)] + args, capture_output=True, timeout=30,
+                           env=base_env())
+        err = p.stderr.decode()
+        assert (p.returncode, p.stdout) == (mod.OLD_PYTHON_EXIT, b""), err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert err.startswith("epmd.py needs Python %d.%d or later; found Python %s."
+                              % (mod.MIN_PYTHON + (version,))), err
+        assert python in err
+
+
+def test_python2_syntax_error_shows_what_is_needed():
+    """Python 2 cannot parse the file; its SyntaxError shows the line that
+    says which Python is needed."""
+    python = old_python("2.7")
+    p = subprocess.run([python, str(EPMD_PY), "-names"], capture_output=True, timeout=30)
+    err = p.stderr.decode()
+    assert p.returncode != 0 and "SyntaxError" in err, err
+    assert "epmd.py needs Python 3.8 or later" in err, err
