@@ -3632,12 +3632,56 @@ def status_cli(port, as_json=False):
 # ---------------------------------------------------------------------------
 
 
-def conn_to_epmd(port, silent=False):
+# D29: OTP's client commands wait for ever on a daemon that accepted but does
+# not answer (stopped with SIGSTOP, hung, or not an epmd at all).
+CLIENT_TIMEOUT = 10.0               # seconds a client command waits for its answer in all
+CLIENT_TIMEOUT_ENV = "EPMD_PY_CLIENT_TIMEOUT"   # seconds instead; 0 waits for ever, as OTP
+CLIENT_TIMEOUT_LINE = ("epmd: no answer from local epmd on port %d within %g s "
+                       "(%s sets the time-out)\n")
+
+
+class ClientTimeout(Exception):
+    """A client command's time-out ran out (D29): the caller prints
+    CLIENT_TIMEOUT_LINE (unless silent) and exits 1."""
+
+
+def parse_client_timeout(value):
+    """EPMD_PY_CLIENT_TIMEOUT: seconds (a decimal number, fractions allowed)
+    a client command may take, 0 for no limit; None when *value* is None.
+    Raises ValueError for anything else (negative, not a number, inf, nan)."""
+    if value is None:
+        return None
+    secs = float(value)
+    if not 0 <= secs < float("inf"):
+        raise ValueError(value)
+    return secs
+
+
+def client_deadline(timeout):
+    """The time.monotonic() deadline of a client command given *timeout*
+    seconds (None when 0: no limit)."""
+    return time.monotonic() + timeout if timeout else None
+
+
+def time_left(deadline):
+    """Seconds left until *deadline* (for settimeout: None without one);
+    raises ClientTimeout when none are left."""
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise ClientTimeout()
+    return left
+
+
+def conn_to_epmd(port, silent=False, deadline=None):
     """Connect to the local epmd on *port*: ``::1`` first, then 127.0.0.1.
 
-    Returns the socket, or None after printing ``epmd: Cannot connect to
-    local epmd`` on stderr (nothing when *silent*).
-    Source: OTP epmd_cli.c, conn_to_epmd.
+    Returns the socket (with a time-out of what is left until *deadline*,
+    a time.monotonic() value, if given), or None after printing ``epmd:
+    Cannot connect to local epmd`` on stderr (nothing when *silent*).
+    Raises ClientTimeout when *deadline* passes while connecting (a daemon
+    whose accept queue is full).  Source: OTP epmd_cli.c, conn_to_epmd.
     """
     for family, addr in ((socket.AF_INET6, "::1"), (socket.AF_INET, "127.0.0.1")):
         try:
@@ -3645,23 +3689,41 @@ def conn_to_epmd(port, silent=False):
         except OSError:
             continue
         try:
+            sock.settimeout(time_left(deadline))
             sock.connect((addr, port))
             return sock
+        except socket.timeout:
+            sock.close()
+            raise ClientTimeout() from None
         except OSError:
             sock.close()
+        except ClientTimeout:
+            sock.close()
+            raise
     if not silent:
         sys.stderr.write("epmd: Cannot connect to local epmd\n")
         sys.stderr.flush()
     return None
 
 
-def read_fill(sock, n):
+def client_recv(sock, size, deadline):
+    """sock.recv(*size*) within *deadline*: raises ClientTimeout when it
+    passes, OSError for any other failure."""
+    sock.settimeout(time_left(deadline))
+    try:
+        return sock.recv(size)
+    except socket.timeout:
+        raise ClientTimeout() from None
+
+
+def read_fill(sock, n, deadline=None):
     """Read exactly *n* bytes; return them, b"" on EOF before that, or None
-    on a read error.  Source: OTP epmd_cli.c, read_fill."""
+    on a read error; raises ClientTimeout when *deadline* passes.
+    Source: OTP epmd_cli.c, read_fill."""
     got = b""
     while len(got) < n:
         try:
-            data = sock.recv(n - len(got))
+            data = client_recv(sock, n - len(got), deadline)
         except OSError:
             return None
         if not data:
@@ -3676,49 +3738,71 @@ def _out(data):
     out.flush()
 
 
-def send_request(sock, payload):
+def send_request(sock, payload, deadline=None):
     """Send *payload* with its u16 length; print OTP's error and return False
-    if that fails."""
+    if that fails; raises ClientTimeout when *deadline* passes."""
     try:
+        sock.settimeout(time_left(deadline))
         sock.sendall(U16.pack(len(payload)) + payload)
         return True
+    except socket.timeout:
+        raise ClientTimeout() from None
     except OSError:
         _out(b"epmd: Can't write to epmd\n")
         return False
 
 
-def epmd_call(port, what, silent=False):
+def run_timed(command, port, timeout, silent=False):
+    """Run ``command(deadline)``, a client command given its deadline
+    (None when *timeout* is 0 or None: wait for ever, as OTP), and return
+    its exit status.  D29: a ClientTimeout becomes CLIENT_TIMEOUT_LINE on
+    stderr (nothing when *silent*) and exit 1."""
+    try:
+        return command(client_deadline(timeout))
+    except ClientTimeout:
+        if not silent:
+            sys.stderr.write(CLIENT_TIMEOUT_LINE % (port, timeout, CLIENT_TIMEOUT_ENV))
+            sys.stderr.flush()
+        return 1
+
+
+def epmd_call(port, what, silent=False, timeout=CLIENT_TIMEOUT):
     """-names (NAMES_REQ), -dump (DUMP_REQ) and -started (silent NAMES_REQ).
 
     Prints ``epmd: up and running on port P with data:`` and the reply as it
     comes, raw; returns 0, or 1 when epmd cannot be reached or answers with
-    fewer than 4 bytes in its first read.  Source: OTP epmd_cli.c, epmd_call.
+    fewer than 4 bytes in its first read.  D29: 1 too, with
+    CLIENT_TIMEOUT_LINE on stderr (-started: silently), when the whole
+    exchange takes more than *timeout* seconds (0: no limit).
+    Source: OTP epmd_cli.c, epmd_call.
     """
-    sock = conn_to_epmd(port, silent)
-    if sock is None:
-        return 1
-    with sock:
-        if not send_request(sock, bytes((what,))):
+    def call(deadline):
+        sock = conn_to_epmd(port, silent, deadline)
+        if sock is None:
             return 1
-        try:
-            head = sock.recv(NAMES_HEADER_LEN)
-        except OSError:
-            head = b""
-        if len(head) != NAMES_HEADER_LEN:
-            if not silent:
-                _out(b"epmd: no response from local epmd\n")
-            return 1
-        if not silent:
-            _out(b"epmd: up and running on port %d with data:\n" % U32.unpack(head)[0])
-        while True:
+        with sock:
+            if not send_request(sock, bytes((what,)), deadline):
+                return 1
             try:
-                data = sock.recv(CLIENT_READ_SIZE)
+                head = client_recv(sock, NAMES_HEADER_LEN, deadline)
             except OSError:
-                data = b""
-            if not data:
-                return 0
+                head = b""
+            if len(head) != NAMES_HEADER_LEN:
+                if not silent:
+                    _out(b"epmd: no response from local epmd\n")
+                return 1
             if not silent:
-                _out(data)
+                _out(b"epmd: up and running on port %d with data:\n" % U32.unpack(head)[0])
+            while True:
+                try:
+                    data = client_recv(sock, CLIENT_READ_SIZE, deadline)
+                except OSError:
+                    data = b""
+                if not data:
+                    return 0
+                if not silent:
+                    _out(data)
+    return run_timed(call, port, timeout, silent)
 
 
 def _answer(data):
@@ -3730,44 +3814,50 @@ def _answer(data):
     return 1
 
 
-def kill_epmd(port):
+def kill_epmd(port, timeout=CLIENT_TIMEOUT):
     """-kill: ``Killed`` (0), ``Killing not allowed - living nodes in
-    database.`` (1), or OTP's message for no answer (1).
-    Source: OTP epmd_cli.c, kill_epmd."""
-    sock = conn_to_epmd(port)
-    if sock is None:
-        return 1
-    with sock:
-        if not send_request(sock, bytes((KILL_REQ,))):
+    database.`` (1), or OTP's message for no answer (1); D29: the time-out
+    line after *timeout* seconds (1).  Source: OTP epmd_cli.c, kill_epmd."""
+    def call(deadline):
+        sock = conn_to_epmd(port, deadline=deadline)
+        if sock is None:
             return 1
-        data = read_fill(sock, len(KILL_OK))
-        if not data:
-            return _answer(data)
-        if data == KILL_OK:
-            _out(b"Killed\n")
-            return 0
-        _out(b"Killing not allowed - living nodes in database.\n")
-        return 1
+        with sock:
+            if not send_request(sock, bytes((KILL_REQ,)), deadline):
+                return 1
+            data = read_fill(sock, len(KILL_OK), deadline)
+            if not data:
+                return _answer(data)
+            if data == KILL_OK:
+                _out(b"Killed\n")
+                return 0
+            _out(b"Killing not allowed - living nodes in database.\n")
+            return 1
+    return run_timed(call, port, timeout)
 
 
-def stop_cli(port, name):
+def stop_cli(port, name, timeout=CLIENT_TIMEOUT):
     """-stop NAME: print the 7-byte answer (``STOPPED`` or ``NOEXIST``), 0;
-    ``epmd: Name too long!`` (no newline) for names over 1000 bytes, 1.
+    ``epmd: Name too long!`` (no newline) for names over 1000 bytes, 1;
+    D29: the time-out line after *timeout* seconds, 1.
     Source: OTP epmd_cli.c, stop_cli."""
     if len(name) > CLIENT_MAX_STOP_NAME:
         _out(b"epmd: Name too long!")
         return 1
-    sock = conn_to_epmd(port)
-    if sock is None:
-        return 1
-    with sock:
-        if not send_request(sock, bytes((STOP_REQ,)) + name):
+
+    def call(deadline):
+        sock = conn_to_epmd(port, deadline=deadline)
+        if sock is None:
             return 1
-        data = read_fill(sock, len(STOP_OK))
-        if not data:
-            return _answer(data)
-        _out(data + b"\n")
-        return 0
+        with sock:
+            if not send_request(sock, bytes((STOP_REQ,)) + name, deadline):
+                return 1
+            data = read_fill(sock, len(STOP_OK), deadline)
+            if not data:
+                return _answer(data)
+            _out(data + b"\n")
+            return 0
+    return run_timed(call, port, timeout)
 
 
 # ---------------------------------------------------------------------------
@@ -3813,7 +3903,8 @@ DbgExtra options
     -delay_write Seconds
         Sleep this long before every reply write (simulates a busy daemon).
 
-Client options (talk to the epmd on -port)
+Client options (talk to the epmd on -port; give up after %(client_timeout)g s
+without an answer, or after $%(timeout_env)s seconds, 0 for never)
     -names
         List the names registered with the running epmd.
     -dump
@@ -3838,6 +3929,11 @@ Other options
         Print this text on stdout and exit 0.
     -version, --version
         Print the version of epmd.py and exit 0.
+"""
+
+USAGE_SHORT = """\
+usage: epmd [options] [-names|-dump|-started|-kill|-stop Name|-status [-json]]
+see `epmd -help`
 """
 
 # Flags: name -> (option key, takes a value).  Read by usage tests and the man page test.
@@ -3934,13 +4030,37 @@ def parse_seconds(flag, value):
     return secs
 
 
+SUGGEST_CUTOFF = 0.75                 # difflib ratio a flag needs to be suggested
+SUGGEST_MIN_PREFIX = 3                # characters of a flag's start that suggest it
+
+
+def did_you_mean(arg):
+    """`` (did you mean -names?)`` for an unknown flag *arg* close to a known
+    one (``--names``, ``-name``, ``-stauts``, ``-relaxed``), else ``""``.
+    In this order: the flag with one dash less; the one flag that *arg*
+    (without its dashes, at least SUGGEST_MIN_PREFIX characters) begins;
+    the closest flag by difflib's ratio, if at least SUGGEST_CUTOFF."""
+    import difflib
+    known = list(ALL_FLAGS) + list(INFO_FLAGS)
+    body = arg.lstrip("-")
+    prefixed = [k for k in known if len(body) >= SUGGEST_MIN_PREFIX and k.lstrip("-").startswith(body)]
+    if arg.startswith("--") and arg[1:] in known:
+        close = [arg[1:]]
+    elif len(prefixed) == 1:
+        close = prefixed
+    else:
+        close = difflib.get_close_matches(arg, known, n=1, cutoff=SUGGEST_CUTOFF)
+    return " (did you mean %s?)" % close[0] if close else ""
+
+
 def parse_args(argv, environ):
     """Parse the command line *argv* (without the program name).
 
     Returns a dict of options: port, address, debug, daemon, relaxed,
     systemd, packet_timeout, delay_accept, delay_write, and action (None,
     "names", "dump", "started", "kill", "stop" or "status") with stop_name
-    (bytes) and json (-json, for -status).  A request for help or the
+    (bytes), json (-json, for -status) and client_timeout (seconds a client
+    command may take, from EPMD_PY_CLIENT_TIMEOUT; 0: no limit).  A request for help or the
     version (INFO_FLAGS) returns at once with action "help" or "version".
     Environment first (ERL_EPMD_PORT, ERL_EPMD_ADDRESS,
     ERL_EPMD_RELAXED_COMMAND_CHECK), flags override it.  D11: client
@@ -3952,9 +4072,17 @@ def parse_args(argv, environ):
         "daemon": False, "relaxed": "ERL_EPMD_RELAXED_COMMAND_CHECK" in environ,
         "systemd": False, "packet_timeout": CLOSE_TIMEOUT, "delay_accept": 0,
         "delay_write": 0, "action": None, "stop_name": None, "port_given": False,
-        "json": False,
+        "json": False, "client_timeout": CLIENT_TIMEOUT, "client_timeout_given": False,
     }
     env_port = environ.get("ERL_EPMD_PORT")
+    try:
+        secs = parse_client_timeout(environ.get(CLIENT_TIMEOUT_ENV))
+    except ValueError:
+        raise UsageError("invalid %s: %r (expected seconds >= 0; 0 waits for ever)"
+                         % (CLIENT_TIMEOUT_ENV, environ[CLIENT_TIMEOUT_ENV])) from None
+    if secs is not None:
+        opts["client_timeout"] = secs
+        opts["client_timeout_given"] = True
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -3963,7 +4091,7 @@ def parse_args(argv, environ):
             return opts
         spec = ALL_FLAGS.get(arg)
         if spec is None:
-            raise UsageError("unknown option %r" % arg)
+            raise UsageError("unknown option %r%s" % (arg, did_you_mean(arg)))
         key, takes_value = spec
         value = None
         if takes_value:
@@ -3996,22 +4124,27 @@ def parse_args(argv, environ):
 
 
 def usage(msg=None, out=None):
-    """Print *msg* (if any) and the usage text on stderr; return 1.
+    """Print *msg* (if any), the one-line synopsis and where the help is, on
+    stderr; return 1 (a usage error)::
 
-    D23: our own usage text, which names the bad option or value first
-    (``epmd: unknown option '-bogus'``); OTP prints its usage text alone.
-    With *out* (a text stream), print only the usage text there and return
-    0: the answer to -h, -help and --help (D14).
+        epmd: unknown option '--names' (did you mean -names?)
+        usage: epmd [options] [-names|-dump|-started|-kill|-stop Name|-status [-json]]
+        see `epmd -help`
+
+    D23: OTP prints its whole usage text alone; 63 lines of help would
+    scroll the error line away.  With *out* (a text stream), print the
+    whole usage text there and return 0: the answer to -h, -help and
+    --help (D14).
     """
-    text_ = USAGE % {"port": EPMD_PORT_NO, "debug_unreg": DEBUG_MAX_UNREG_COUNT,
-                     "timeout": CLOSE_TIMEOUT, "cap": REQUEST_TIME_CAP}
     if out is not None:
-        out.write(text_)
+        out.write(USAGE % {"port": EPMD_PORT_NO, "debug_unreg": DEBUG_MAX_UNREG_COUNT,
+                           "timeout": CLOSE_TIMEOUT, "cap": REQUEST_TIME_CAP,
+                           "client_timeout": CLIENT_TIMEOUT, "timeout_env": CLIENT_TIMEOUT_ENV})
         out.flush()
         return 0
     if msg:
         sys.stderr.write("epmd: %s\n" % msg)
-    sys.stderr.write(text_)
+    sys.stderr.write(USAGE_SHORT)
     sys.stderr.flush()
     return 1
 
@@ -4216,16 +4349,17 @@ def main(argv=None):
     port = opts["port"]
     if opts["json"] and action != "status":
         return usage("-json goes with -status only")
+    timeout = opts["client_timeout"]
     if action == "names":
-        return epmd_call(port, NAMES_REQ)
+        return epmd_call(port, NAMES_REQ, timeout=timeout)
     if action == "dump":
-        return epmd_call(port, DUMP_REQ)
+        return epmd_call(port, DUMP_REQ, timeout=timeout)
     if action == "started":
-        return epmd_call(port, NAMES_REQ, silent=True)
+        return epmd_call(port, NAMES_REQ, silent=True, timeout=timeout)
     if action == "kill":
-        return kill_epmd(port)
+        return kill_epmd(port, timeout)
     if action == "stop":
-        return stop_cli(port, opts["stop_name"])
+        return stop_cli(port, opts["stop_name"], timeout)
     if action == "status":
         return status_cli(port, opts["json"])
     script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else None
