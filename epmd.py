@@ -57,9 +57,11 @@ C sources carry its name (epmd_srv.c unless said):
                                conn_local_peer_check
     listening sockets          ListenAddress, parse_addresses,
                                open_listen_sockets (the part of run before
-                               the loop), iter_proc_tcp_sockets (the
-                               /proc/net/tcp{,6} reader), check_port_holders
-                               (who holds a port in use), systemd_listen_sockets,
+                               the loop), sock_diag_dump (the kernel's
+                               filtered socket list), iter_proc_tcp_sockets
+                               (the /proc/net/tcp{,6} reader, its fallback),
+                               find_listeners, check_port_holders (who
+                               holds a port in use), systemd_listen_sockets,
                                systemd_port, sd_notify
     hand-over                  re-exec on SIGUSR2 (D16): pack_state,
                                unpack_state, take_handover; FdStore (systemd's
@@ -73,11 +75,12 @@ C sources carry its name (epmd_srv.c unless said):
                                request, reply, do_write, epmd_cleanup_exit
                                (epmd.c); its class docstring indexes them
     diagnostics                sock_diag_find, socket_pids,
-                               Diagnostics (the refusal lines, D25/D26),
-                               epmd_status and status_cli (-status, D27)
+                               Diagnostics (the refusal lines, D25/D26)
     client commands            conn_to_epmd, read_fill, epmd_call (-names,
                                -dump, -started), kill_epmd (-kill), stop_cli
-                               (-stop), all of epmd_cli.c
+                               (-stop), all of epmd_cli.c, each within a
+                               time-out (run_timed, D29); epmd_status and
+                               status_cli (-status, D27)
     command line               usage, parse_args, run_daemon (epmd.c), main
 
 Our own names, without a C counterpart: Connection.take and set_state (the
@@ -1087,6 +1090,34 @@ def open_listen_sockets(addresses, port, log):
 
 # -- who holds the port (D18) -------------------------------------------------
 
+# sock_diag (linux/netlink.h, linux/sock_diag.h, linux/inet_diag.h)
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST = 1
+NLM_F_DUMP = 0x300                  # NLM_F_ROOT | NLM_F_MATCH
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLMSG_HDR = struct.Struct("=IHHII")             # len type flags seq pid
+NLMSG_ERRNO = struct.Struct("=i")               # after the header of NLMSG_ERROR: -errno
+NLA_HDR = struct.Struct("=HH")                  # nlattr: len type
+NLA_ALIGN = 4
+INET_DIAG_REQ_V2 = struct.Struct("=BBBxI")      # family protocol ext pad states
+INET_DIAG_SOCKID = struct.Struct(">HH16s16s")   # sport dport src dst (network order)
+INET_DIAG_SOCKID_TAIL = struct.Struct("=III")   # if, cookie[2] (host order)
+INET_DIAG_NOCOOKIE = 0xFFFFFFFF
+INET_DIAG_MSG_HEAD = struct.Struct("=BBBB")     # family state timer retrans
+INET_DIAG_MSG_QUEUES = struct.Struct("=IIIII")  # expires rqueue wqueue uid inode, at offset 52
+INET_DIAG_MSG_QUEUES_OFFSET = INET_DIAG_MSG_HEAD.size + INET_DIAG_SOCKID.size + INET_DIAG_SOCKID_TAIL.size
+INET_DIAG_MSG_UID_INODE = struct.Struct("=II")  # uid inode, at offset 64 of inet_diag_msg
+INET_DIAG_MSG_UID_OFFSET = 4 + INET_DIAG_SOCKID.size + INET_DIAG_SOCKID_TAIL.size + 12
+INET_DIAG_REQ_BYTECODE = 1          # the nlattr type of a filter program
+INET_DIAG_BC_OP = struct.Struct("=BBH")         # code yes no (host order)
+INET_DIAG_BC_S_GE = 2               # source (local) port >= the next op's "no"
+INET_DIAG_BC_S_LE = 3               # source (local) port <= the next op's "no"
+NETLINK_READ_SIZE = 8192
+NETLINK_DUMP_READ_SIZE = 65536
+SOCK_DIAG_TIMEOUT = 1.0             # seconds a dump may take before we fall back to /proc
+
 PROC_NET_TCP = {socket.AF_INET: "/proc/net/tcp", socket.AF_INET6: "/proc/net/tcp6"}
 TCP_LISTEN = 0x0A                   # the "st" column of a listening socket
 TCP_ESTABLISHED = 0x01
@@ -1150,17 +1181,130 @@ def proc_tcp_sockets(families=(socket.AF_INET, socket.AF_INET6)):
     return list(iter_proc_tcp_sockets(families))
 
 
+def sock_diag_port_filter(port):
+    """The inet_diag bytecode that keeps the sockets whose own port is
+    *port*: ``S_GE port`` then ``S_LE port``, each an op (u8 code, u8 yes,
+    u16 no) followed by an op whose u16 "no" holds the port.  "yes" goes to
+    the next test; "no" jumps 4 bytes past the end, which rejects.
+    Source: linux/inet_diag.h; net/ipv4/inet_diag.c, inet_diag_bc_run."""
+    op = INET_DIAG_BC_OP.size
+    return (INET_DIAG_BC_OP.pack(INET_DIAG_BC_S_GE, 2 * op, 4 * op + NLA_ALIGN)
+            + INET_DIAG_BC_OP.pack(0, 0, port)
+            + INET_DIAG_BC_OP.pack(INET_DIAG_BC_S_LE, 2 * op, 2 * op + NLA_ALIGN)
+            + INET_DIAG_BC_OP.pack(0, 0, port))
+
+
+def sock_diag_dump(family, states, port=None, timeout=SOCK_DIAG_TIMEOUT):
+    """Ask the kernel for the TCP sockets of *family* in this network
+    namespace whose state is in *states* (a bit mask: 1 << TCP_LISTEN, ...)
+    and, if *port* is given, whose own port is *port*: the kernel applies
+    both filters, so the cost does not grow with the other sockets of the
+    host (a dump of listening sockets walks only the listening hash).
+
+    Request: nlmsghdr (SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP),
+    inet_diag_req_v2 (u8 family, u8 protocol, u8 ext, pad, u32 states, a
+    zero inet_diag_sockid), then for *port* an nlattr INET_DIAG_REQ_BYTECODE
+    holding sock_diag_port_filter(port).  Reply: one inet_diag_msg per
+    socket (u8 family, u8 state, u8 timer, u8 retrans, the sockid with be16
+    sport, be16 dport, 16-byte src and dst, then u32 expires, rqueue,
+    wqueue, uid, inode at offset 52), until NLMSG_DONE.
+
+    Yields (family, local address, local port, remote address, remote port,
+    state, uid, inode, rqueue, wqueue); for a listening socket rqueue is
+    the number of connections waiting to be accepted, wqueue its backlog.
+    Raises OSError where netlink or sock_diag is not available or not
+    allowed (not Linux, a seccomp or LSM policy, no inet_diag module) or
+    the kernel refuses the request; socket.timeout after *timeout* seconds.
+    Source: linux/inet_diag.h; net/ipv4/inet_diag.c, inet_diag_dump_icsk.
+    """
+    af_netlink = getattr(socket, "AF_NETLINK", None)
+    if af_netlink is None:
+        raise OSError(errno.EAFNOSUPPORT, "no netlink sockets here")
+    body = (INET_DIAG_REQ_V2.pack(family, socket.IPPROTO_TCP, 0, states)
+            + INET_DIAG_SOCKID.pack(0, 0, b"", b"")
+            + INET_DIAG_SOCKID_TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE))
+    if port is not None:
+        bc = sock_diag_port_filter(port)
+        body += NLA_HDR.pack(NLA_HDR.size + len(bc), INET_DIAG_REQ_BYTECODE) + bc
+    msg = NLMSG_HDR.pack(NLMSG_HDR.size + len(body), SOCK_DIAG_BY_FAMILY,
+                         NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body
+    addr_len = 4 if family == socket.AF_INET else 16
+    with socket.socket(af_netlink, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as nl:
+        nl.settimeout(timeout)
+        nl.sendto(msg, (0, 0))
+        while True:
+            data = nl.recv(NETLINK_DUMP_READ_SIZE)
+            if not data:
+                return
+            offset = 0
+            while offset + NLMSG_HDR.size <= len(data):
+                length, mtype, _, _, _ = NLMSG_HDR.unpack_from(data, offset)
+                if length < NLMSG_HDR.size:
+                    return
+                start = offset + NLMSG_HDR.size
+                offset += (length + NLA_ALIGN - 1) & ~(NLA_ALIGN - 1)
+                if mtype == NLMSG_DONE:
+                    return
+                if mtype == NLMSG_ERROR:
+                    err = -NLMSG_ERRNO.unpack_from(data, start)[0]
+                    raise OSError(err, "sock_diag: %s" % os.strerror(err))
+                if mtype != SOCK_DIAG_BY_FAMILY or length < NLMSG_HDR.size + INET_DIAG_MSG_UID_OFFSET + 8:
+                    continue
+                fam, state, _, _ = INET_DIAG_MSG_HEAD.unpack_from(data, start)
+                sport, dport, src, dst = INET_DIAG_SOCKID.unpack_from(data, start + INET_DIAG_MSG_HEAD.size)
+                _, rq, wq, uid, inode = INET_DIAG_MSG_QUEUES.unpack_from(
+                    data, start + INET_DIAG_MSG_QUEUES_OFFSET)
+                yield (fam, socket.inet_ntop(fam, src[:addr_len]), sport,
+                       socket.inet_ntop(fam, dst[:addr_len]), dport, state, uid, inode, rq, wq)
+
+
+Listener = collections.namedtuple("Listener", "family address port uid inode queued backlog")
+Listener.__doc__ = """A listening TCP socket: *queued* connections wait to
+be accepted (None when read from /proc/net/tcp, which does not say),
+*backlog* is its listen() backlog (None likewise)."""
+
+
+def find_listeners(ports, families=(socket.AF_INET, socket.AF_INET6)):
+    """Return (listeners, source): the TCP sockets of this network namespace
+    listening on any of *ports* (an iterable of ints), as Listener tuples,
+    and where they were read: "sock_diag", or "/proc/net/tcp" where netlink
+    is not allowed; (None, None) when neither can be read (not Linux, or
+    /proc hidden and netlink refused).
+
+    sock_diag_dump asks the kernel for the listening sockets only (with a
+    port filter when one port is asked), so an established connection of
+    the host costs nothing; /proc/net/tcp{,6} lists every socket and is
+    read whole.  A socket bound but not listening is in neither.
+    """
+    ports = set(ports)
+    found = []
+    try:
+        for family in families:
+            only = next(iter(ports)) if len(ports) == 1 else None
+            for e in sock_diag_dump(family, 1 << TCP_LISTEN, only):
+                if e[2] in ports:
+                    found.append(Listener(e[0], e[1], e[2], e[6], e[7], e[8], e[9]))
+        return found, "sock_diag"
+    except OSError:
+        pass
+    if not any(os.access(PROC_NET_TCP[f], os.R_OK) for f in families):
+        return None, None
+    found = [Listener(family, laddr, lport, uid, inode, None, None)
+             for family, laddr, lport, _, _, state, uid, inode in iter_proc_tcp_sockets(families)
+             if state == TCP_LISTEN and lport in ports]
+    return found, "/proc/net/tcp"
+
+
 def proc_net_listeners(port):
     """Return the TCP sockets listening on *port* in this network namespace,
-    as (family, address, uid, inode) tuples, from iter_proc_tcp_sockets;
-    None when neither /proc/net/tcp nor /proc/net/tcp6 can be read (other
-    systems, or /proc hidden).  A socket bound but not listening is not in
-    these tables."""
-    if not any(os.access(path, os.R_OK) for path in PROC_NET_TCP.values()):
+    as (family, address, uid, inode) tuples, from find_listeners (sock_diag,
+    else /proc/net/tcp{,6}); None when neither can be read (other systems,
+    or /proc hidden and netlink refused).  A socket bound but not listening
+    is not among them."""
+    listeners, _ = find_listeners((port,))
+    if listeners is None:
         return None
-    return [(family, laddr, uid, inode)
-            for family, laddr, lport, _, _, state, uid, inode in iter_proc_tcp_sockets()
-            if state == TCP_LISTEN and lport == port]
+    return [(ls.family, ls.address, ls.uid, ls.inode) for ls in listeners]
 
 
 def _v4_of(family, addr):
@@ -1213,6 +1357,14 @@ def answers_as_epmd(family, addr, port, timeout=PROBE_TIMEOUT):
                 data += chunk
     except OSError:
         return False
+    return is_names_reply(data, port)
+
+
+def is_names_reply(data, port):
+    """True if *data* is an epmd's whole answer to NAMES_REQ on *port*: the
+    u32 port (ours, or 4369: OTP's -systemd reports it whatever the port),
+    then ``name N at port P\\n`` lines (the last one may be cut where
+    MAX_PROBE_REPLY bytes were read)."""
     if len(data) < NAMES_HEADER_LEN or U32.unpack_from(data)[0] not in (port, EPMD_PORT_NO):
         return False
     lines = data[NAMES_HEADER_LEN:].split(b"\n")
@@ -1226,8 +1378,8 @@ def check_port_holders(family, addr, port, ours=()):
     raise AlreadyRunning if every holder answers as an epmd, StartupError
     naming the address, the port and the holder's uid otherwise.
 
-    Holders are the listening sockets of /proc/net/tcp{,6} on *port* whose
-    address conflicts with ours, minus our own sockets *ours*.  When none
+    Holders are the listening sockets on *port* (proc_net_listeners:
+    sock_diag, else /proc/net/tcp{,6}) whose address conflicts with ours, minus our own sockets *ours*.  When none
     is listed, the tables are read again for up to PROBE_TIMEOUT seconds
     (another epmd may be between its bind and its listen); then the port is
     held by a socket that does not listen.  Without /proc our address itself
@@ -3038,33 +3190,19 @@ class Epmd(Handover):
 
 
 # ---------------------------------------------------------------------------
-# Diagnostics: who holds a name, and -status (epmd.py only; D25-D27)
+# Diagnostics: who holds a name (epmd.py only; D25, D26; -status uses them too)
 #
 # OTP's epmd says only "node name already occupied" and lists names and
 # ports.  Running on the same host as its nodes, epmd.py can say more, from
-# what Linux shows every process: /proc/net/tcp and /proc/net/tcp6 (the TCP
-# sockets, with owner uid and inode), /proc/<pid>/fd (which process holds
-# which socket inode), /proc/<pid>/cmdline, and the kernel's sock_diag
-# netlink interface (one socket looked up by its addresses, without reading
-# the whole table).  Nothing here changes a byte on the wire or of OTP's
+# what Linux shows every process: the kernel's sock_diag netlink interface
+# (one socket looked up by its addresses, or the sockets of one state and
+# port, without reading the whole table; /proc/net/tcp{,6} where netlink is
+# not allowed), /proc/<pid>/fd (which process holds which socket inode) and
+# /proc/<pid>/cmdline.  Nothing here changes a byte on the wire or of OTP's
 # output: the daemon adds log lines after OTP's refusals, and -status is a
 # client action of its own.  Where /proc is missing or not readable the
 # answer is "?", never an error.
 # ---------------------------------------------------------------------------
-
-# sock_diag (linux/netlink.h, linux/sock_diag.h, linux/inet_diag.h)
-NETLINK_SOCK_DIAG = 4
-SOCK_DIAG_BY_FAMILY = 20
-NLM_F_REQUEST = 1
-NLMSG_ERROR = 2
-NLMSG_HDR = struct.Struct("=IHHII")             # len type flags seq pid
-INET_DIAG_REQ_V2 = struct.Struct("=BBBxI")      # family protocol ext pad states
-INET_DIAG_SOCKID = struct.Struct(">HH16s16s")   # sport dport src dst (network order)
-INET_DIAG_SOCKID_TAIL = struct.Struct("=III")   # if, cookie[2] (host order)
-INET_DIAG_NOCOOKIE = 0xFFFFFFFF
-INET_DIAG_MSG_UID_INODE = struct.Struct("=II")  # uid inode, at offset 64 of inet_diag_msg
-INET_DIAG_MSG_UID_OFFSET = 4 + INET_DIAG_SOCKID.size + INET_DIAG_SOCKID_TAIL.size + 12
-NETLINK_READ_SIZE = 8192
 
 # Limits of the daemon's look-up of who holds a name (it runs in the loop).
 DIAG_LOOKUP_BUDGET = 0.005          # seconds one look-up may take; then it logs what it has
@@ -3458,177 +3596,8 @@ def alive2_packet_problem(payload):
     return None
 
 
-# -- -status: the client side --------------------------------------------------
-
-
-def _status_procs(pids_by_inode, inodes):
-    """The sorted pids holding any of *inodes*, and the first one's command."""
-    pids = sorted({p for i in inodes for p in pids_by_inode.get(i, ())})
-    return pids, (proc_command(pids[0]) if pids else None)
-
-
-def port_accepts(port, timeout=STATUS_CONNECT_TIMEOUT):
-    """Try to connect to *port* on 127.0.0.1, then ::1; return "accepts",
-    or why not ("refused", "timed out", or the error's text)."""
-    why = "refused"
-    for family, addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-        try:
-            with socket.socket(family, socket.SOCK_STREAM) as s:
-                s.settimeout(timeout)
-                s.connect((addr, port))
-                return "accepts"
-        except socket.timeout:
-            why = "timed out"
-        except ConnectionRefusedError:
-            pass
-        except OSError as e:
-            if why == "refused":
-                why = e.strerror or str(e)
-    return why
-
-
-def _ask(port, payload):
-    """One request to the local epmd on *port*; the whole answer, or None
-    if it cannot be reached."""
-    sock = conn_to_epmd(port, silent=True)
-    if sock is None:
-        return None
-    with sock:
-        sock.settimeout(STATUS_CONNECT_TIMEOUT * 5)
-        try:
-            sock.sendall(U16.pack(len(payload)) + payload)
-            chunks = []
-            while True:
-                data = sock.recv(CLIENT_READ_SIZE)
-                if not data:
-                    break
-                chunks.append(data)
-        except OSError:
-            return None
-    return b"".join(chunks)
-
-
-def parse_names_reply(body):
-    """(name, port) pairs of the lines of a NAMES_REQ answer (after its u32)."""
-    out = []
-    for line in body.split(b"\n"):
-        if not line.startswith(b"name "):
-            continue
-        name, sep, port = line[5:].rpartition(b" at port ")
-        if sep and port.isdigit():
-            out.append((name, int(port)))
-    return out
-
-
-def epmd_status(port):
-    """Gather what -status shows, as the dict -status -json prints:
-
-        port        the port asked (int)
-        running     whether an epmd answered NAMES_REQ there (bool)
-        error       why not (str), or null
-        listeners   one object per listening socket on *port* in this
-                    network namespace: address, port, pids (list of int,
-                    empty when unknown), command (str or null)
-        names       one object per registered name, newest first: name,
-                    port (its distribution port), type ("normal", "hidden",
-                    or "type N"; null if it left meanwhile), nodetype (int or
-                    null), pids and command of the processes listening on
-                    the distribution port, connect ("accepts", "refused",
-                    "timed out", ...), accepts (bool)
-        pids_hidden whether some processes' descriptors were not readable
-                    (not root), so a PID shown as unknown may exist (bool)
-    """
-    status = {"port": port, "running": False, "error": None, "listeners": [], "names": [],
-              "pids_hidden": False}
-    answer = _ask(port, bytes((NAMES_REQ,)))
-    if answer is None:
-        status["error"] = "nothing accepts connections on ::1 or 127.0.0.1"
-    elif len(answer) < NAMES_HEADER_LEN:
-        status["error"] = "connected, but no answer to NAMES_REQ"
-    else:
-        status["running"] = True
-    names = parse_names_reply(answer[NAMES_HEADER_LEN:]) if status["running"] else []
-    wanted = {port} | {p for _, p in names}
-    listening = [e for e in iter_proc_tcp_sockets() if e[5] == TCP_LISTEN and e[2] in wanted]
-    pids, denied = socket_pids([e[7] for e in listening])
-    status["pids_hidden"] = denied > 0
-    for e in listening:
-        if e[2] == port:
-            p, cmd = _status_procs(pids, (e[7],))
-            status["listeners"].append({"address": e[1], "port": port, "pids": p,
-                                        "command": cmd, "family": "ipv6"
-                                        if e[0] == socket.AF_INET6 else "ipv4"})
-    for name, nport in names:
-        nodetype = None
-        resp = _ask(port, bytes((PORT_PLEASE2_REQ,)) + name)
-        if resp and len(resp) >= PORT2_RESP_FIXED.size and resp[1] == RESULT_OK:
-            nodetype = PORT2_RESP_FIXED.unpack_from(resp)[3]
-        p, cmd = _status_procs(pids, [e[7] for e in listening if e[2] == nport])
-        connect = port_accepts(nport)
-        status["names"].append({
-            "name": text(name), "port": nport, "nodetype": nodetype,
-            "type": None if nodetype is None else NODE_TYPES.get(nodetype, "type %d" % nodetype),
-            "pids": p, "command": cmd, "connect": connect, "accepts": connect == "accepts"})
-    return status
-
-
-def _cut(s, limit=STATUS_COMMAND_MAX):
-    if s is None:
-        return "?"
-    return s if len(s) <= limit else s[:limit - 3] + "..."
-
-
-def _table(rows):
-    """Rows of strings as lines of left-aligned columns (the last unpadded)."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    return ["  ".join([c.ljust(w) for c, w in zip(r, widths)] + [r[-1]]).rstrip() for r in rows]
-
-
-def format_status(status):
-    """The text -status prints for *status* (see epmd_status), as lines."""
-    port = status["port"]
-    if not status["running"]:
-        return ["epmd: not running on port %d: %s" % (port, status["error"])]
-    lines = ["epmd: up and running on port %d" % port]
-    rows = [("ADDRESS", "PID", "COMMAND")]
-    for ls in status["listeners"]:
-        rows.append((format_addr(socket.AF_INET6 if ls["family"] == "ipv6" else socket.AF_INET,
-                                 ls["address"], ls["port"]),
-                     ",".join(map(str, ls["pids"])) or "?", _cut(ls["command"])))
-    if len(rows) > 1:
-        lines += _table(rows)
-    else:
-        lines.append("listening sockets: ? (not in this network namespace's /proc/net/tcp)")
-    if not status["names"]:
-        lines.append("no names registered")
-    else:
-        rows = [("NAME", "PORT", "TYPE", "PID", "CONNECT", "COMMAND")]
-        for n in status["names"]:
-            rows.append((n["name"], str(n["port"]), n["type"] or "?",
-                         ",".join(map(str, n["pids"])) or "?", n["connect"], _cut(n["command"])))
-        lines += _table(rows)
-    if status["pids_hidden"]:
-        lines.append("(other users' processes are not visible without privileges: run as root "
-                     "to see every PID)")
-    return lines
-
-
-def status_cli(port, as_json=False):
-    """-status [-json]: print whether an epmd serves *port*, where it
-    listens, and each registered name with who listens on its port.
-    Exit status as -started: 0 when an epmd answers, 1 when not."""
-    status = epmd_status(port)
-    if as_json:
-        import json
-        out = json.dumps(status, sort_keys=True) + "\n"
-    else:
-        out = "".join(line + "\n" for line in format_status(status))
-    _out(out.encode("utf-8", "surrogateescape"))
-    return 0 if status["running"] else 1
-
-
 # ---------------------------------------------------------------------------
-# Client commands (OTP epmd_cli.c)
+# Client commands (OTP epmd_cli.c), and -status (epmd.py only)
 # ---------------------------------------------------------------------------
 
 
@@ -3858,6 +3827,286 @@ def stop_cli(port, name, timeout=CLIENT_TIMEOUT):
             _out(data + b"\n")
             return 0
     return run_timed(call, port, timeout)
+
+
+# -- -status (D27) ---------------------------------------------------------------
+
+STATUS_ANSWER_TIMEOUT = 2.0         # seconds -status waits for NAMES_REQ's answer
+                                    # (EPMD_PY_CLIENT_TIMEOUT instead when set)
+# What -status finds on the port, its "state" in -json, and its exit status.
+STATE_SERVING = "serving"           # an epmd answers NAMES_REQ
+STATE_NOT_LISTENING = "not listening"   # nothing listens: connections are refused
+STATE_NOT_ANSWERING = "not answering"   # something listens, but no epmd answer in time
+STATUS_EXIT = {STATE_SERVING: 0, STATE_NOT_LISTENING: 1, STATE_NOT_ANSWERING: 3}
+# How -status text shows a control character or a lone surrogate (an invalid
+# UTF-8 byte of a node name) of a name or command: as JSON writes it (issue 20).
+JSON_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b", "\f": "\\f"}
+C1_END = 0xA0                       # U+0080..U+009F are control characters too
+
+
+def escape_controls(s):
+    """*s* with every control character (U+0000..U+001F, U+007F..U+009F),
+    lone surrogate and backslash escaped as JSON writes them (``\\n``,
+    ``\\u001b``, ``\\udcff``, ``\\\\``), so that a node name cannot move the
+    cursor or recolour the terminal; everything else is left as it is."""
+    out = []
+    for c in s:
+        o = ord(c)
+        if c in JSON_ESCAPES:
+            out.append(JSON_ESCAPES[c])
+        elif o < 0x20 or 0x7F <= o < C1_END or 0xD800 <= o <= 0xDFFF:
+            out.append("\\u%04x" % o)
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def _status_procs(pids_by_inode, inodes):
+    """The sorted pids holding any of *inodes*, and the first one's command."""
+    pids = sorted({p for i in inodes for p in pids_by_inode.get(i, ())})
+    return pids, (proc_command(pids[0]) if pids else None)
+
+
+def port_accepts(port, timeout=STATUS_CONNECT_TIMEOUT):
+    """Try to connect to *port* on 127.0.0.1, then ::1; return "accepts",
+    or why not ("refused", "timed out", or the error's text)."""
+    why = "refused"
+    for family, addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.settimeout(timeout)
+                s.connect((addr, port))
+                return "accepts"
+        except socket.timeout:
+            why = "timed out"
+        except ConnectionRefusedError:
+            pass
+        except OSError as e:
+            if why == "refused":
+                why = e.strerror or str(e)
+    return why
+
+
+def _ask(port, payload, timeout):
+    """One request to the local epmd on *port* (conn_to_epmd: ::1, then
+    127.0.0.1), all within *timeout* seconds (0 or None: no limit).
+    Returns (answer, why): the bytes read until the peer closed and None,
+    or None and why there is none: "refused" (nothing accepts on ::1 or
+    127.0.0.1), "timed out", or the error's text."""
+    deadline = client_deadline(timeout)
+    chunks = []
+    try:
+        sock = conn_to_epmd(port, silent=True, deadline=deadline)
+        if sock is None:
+            return None, "refused"
+        with sock:
+            sock.settimeout(time_left(deadline))
+            sock.sendall(U16.pack(len(payload)) + payload)
+            while True:
+                data = client_recv(sock, CLIENT_READ_SIZE, deadline)
+                if not data:
+                    break
+                chunks.append(data)
+    except (ClientTimeout, socket.timeout):
+        return None, "timed out"
+    except OSError as e:
+        return None, e.strerror or str(e)
+    return b"".join(chunks), None
+
+
+def parse_names_reply(body):
+    """(name, port) pairs of the lines of a NAMES_REQ answer (after its u32)."""
+    out = []
+    for line in body.split(b"\n"):
+        if not line.startswith(b"name "):
+            continue
+        name, sep, port = line[5:].rpartition(b" at port ")
+        if sep and port.isdigit():
+            out.append((name, int(port)))
+    return out
+
+
+def proc_readable():
+    """Why process ids cannot be found here (/proc missing, or its
+    per-process directories hidden, as hardened containers do), or None
+    when this process can read its own /proc/<pid>/fd."""
+    try:
+        os.listdir("/proc/%d/fd" % os.getpid())
+        return None
+    except OSError as e:
+        return "process ids unknown: /proc/<pid>/fd cannot be read here (%s): /proc is " \
+               "hidden or not mounted" % (e.strerror or e)
+
+
+def not_answering_why(port, answer, why, timeout, on_loopback):
+    """The *error* of a port something listens on without an epmd answer."""
+    if not on_loopback:
+        return "it listens on port %d, but not on ::1 or 127.0.0.1, where nodes and clients " \
+               "ask" % port
+    if why == "timed out":
+        return "something listens on port %d but did not answer NAMES_REQ within %g s" % (
+            port, timeout)
+    if why is not None:
+        return "something listens on port %d but the connection failed: %s" % (port, why)
+    if not answer:
+        return "something listens on port %d but closed the connection without an answer" % port
+    return "something listens on port %d but its answer to NAMES_REQ (%d bytes) is not an " \
+           "epmd's" % (port, len(answer))
+
+
+def epmd_status(port, timeout=STATUS_ANSWER_TIMEOUT):
+    """Gather what -status shows, as the dict -status -json prints:
+
+        port        the port asked (int)
+        state       "serving" (an epmd answered NAMES_REQ within *timeout*
+                    seconds), "not listening" (nothing listens on the port:
+                    ::1 and 127.0.0.1 refuse connections), or "not
+                    answering" (something listens, see listeners, but no
+                    epmd answered within *timeout*: a stopped or hung
+                    daemon, or another program); STATUS_EXIT gives the exit
+                    status of each
+        running     state == "serving" (bool)
+        error       why not (str), or null
+        listeners   one object per listening socket on *port* in this
+                    network namespace: address, port, family ("ipv4",
+                    "ipv6"), pids (list of int, empty when unknown), command
+                    (str or null), queued (connections waiting to be
+                    accepted; null where only /proc/net/tcp was readable)
+        listeners_source  where the listeners were read: "sock_diag" (the
+                    kernel's netlink interface), "/proc/net/tcp" (where
+                    netlink is not allowed), or null (neither: unknown)
+        names       one object per registered name, newest first: name,
+                    port (its distribution port), type ("normal", "hidden",
+                    or "type N"; null if it left meanwhile), nodetype (int or
+                    null), pids and command of the processes listening on
+                    the distribution port, connect ("accepts", "refused",
+                    "timed out", ...), accepts (bool)
+        pids_hidden whether process ids may be missing: some processes'
+                    descriptors were not readable (not root), or /proc is
+                    not readable at all (bool)
+        pids_hidden_why  why (str), or null
+    """
+    status = {"port": port, "state": STATE_SERVING, "running": False, "error": None,
+              "listeners": [], "listeners_source": None, "names": [], "pids_hidden": False,
+              "pids_hidden_why": None}
+    # the port's own listeners first, so that their queues do not count
+    # the connection of this NAMES_REQ
+    own, source = find_listeners((port,))
+    own = own or []
+    status["listeners_source"] = source
+    answer, why = _ask(port, bytes((NAMES_REQ,)), timeout)
+    names = []
+    if answer is not None and is_names_reply(answer, port):
+        status["running"] = True
+        names = parse_names_reply(answer[NAMES_HEADER_LEN:])
+    listening = list(own)
+    if names:
+        listening += [ls for ls in find_listeners({p for _, p in names} - {port})[0] or ()]
+    if not status["running"]:
+        if why == "refused" and not own:
+            status["state"] = STATE_NOT_LISTENING
+            status["error"] = "nothing listens there (::1 and 127.0.0.1 refuse connections)"
+        else:
+            status["state"] = STATE_NOT_ANSWERING
+            status["error"] = not_answering_why(port, answer, why, timeout, why != "refused")
+    pids, denied = socket_pids([ls.inode for ls in listening])
+    hidden = proc_readable()
+    if hidden is None and denied:
+        hidden = "other users' processes are not visible without privileges: run as root " \
+                 "to see every PID"
+    status["pids_hidden"] = hidden is not None
+    status["pids_hidden_why"] = hidden
+    for ls in own:
+        p, cmd = _status_procs(pids, (ls.inode,))
+        status["listeners"].append({"address": ls.address, "port": port, "pids": p,
+                                    "command": cmd, "queued": ls.queued, "family": "ipv6"
+                                    if ls.family == socket.AF_INET6 else "ipv4"})
+    for name, nport in names:
+        nodetype = None
+        resp, _ = _ask(port, bytes((PORT_PLEASE2_REQ,)) + name, timeout)
+        if resp and len(resp) >= PORT2_RESP_FIXED.size and resp[1] == RESULT_OK:
+            nodetype = PORT2_RESP_FIXED.unpack_from(resp)[3]
+        p, cmd = _status_procs(pids, [ls.inode for ls in listening if ls.port == nport])
+        connect = port_accepts(nport)
+        status["names"].append({
+            "name": text(name), "port": nport, "nodetype": nodetype,
+            "type": None if nodetype is None else NODE_TYPES.get(nodetype, "type %d" % nodetype),
+            "pids": p, "command": cmd, "connect": connect, "accepts": connect == "accepts"})
+    return status
+
+
+def _cut(s, limit=STATUS_COMMAND_MAX):
+    """*s* escaped (escape_controls) and cut to *limit* characters, or ``?``."""
+    if s is None:
+        return "?"
+    s = escape_controls(s)
+    return s if len(s) <= limit else s[:limit - 3] + "..."
+
+
+def _table(rows):
+    """Rows of strings as lines of left-aligned columns (the last unpadded)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return ["  ".join([c.ljust(w) for c, w in zip(r, widths)] + [r[-1]]).rstrip() for r in rows]
+
+
+def format_status(status):
+    """The text -status prints for *status* (see epmd_status), as lines:
+    the verdict, the listening sockets (ADDRESS, PID, COMMAND), the names
+    (NAME, PORT, TYPE, PID, CONNECT, COMMAND) when an epmd answers, and why
+    PIDs may be missing.  Names and commands are escaped (escape_controls)."""
+    port = status["port"]
+    state = status["state"]
+    if state == STATE_NOT_LISTENING:
+        return ["epmd: not running on port %d: %s" % (port, status["error"])]
+    if state == STATE_SERVING:
+        lines = ["epmd: up and running on port %d" % port]
+    else:
+        queued = sum(ls["queued"] or 0 for ls in status["listeners"])
+        lines = ["epmd: not answering on port %d: %s%s" % (
+            port, status["error"], "; %d connection%s wait%s to be accepted" % (
+                queued, "" if queued == 1 else "s", "s" if queued == 1 else "")
+            if queued else "")]
+    rows = [("ADDRESS", "PID", "COMMAND")]
+    for ls in status["listeners"]:
+        rows.append((format_addr(socket.AF_INET6 if ls["family"] == "ipv6" else socket.AF_INET,
+                                 ls["address"], ls["port"]),
+                     ",".join(map(str, ls["pids"])) or "?", _cut(ls["command"])))
+    if len(rows) > 1:
+        lines += _table(rows)
+    elif status["listeners_source"] is None:
+        lines.append("listening sockets: ? (neither sock_diag nor /proc/net/tcp can be read here)")
+    else:
+        lines.append("listening sockets: none on port %d in this network namespace (the epmd "
+                     "that answers listens in another one, e.g. a container's)" % port)
+    if state == STATE_SERVING:
+        if not status["names"]:
+            lines.append("no names registered")
+        else:
+            rows = [("NAME", "PORT", "TYPE", "PID", "CONNECT", "COMMAND")]
+            for n in status["names"]:
+                rows.append((escape_controls(n["name"]), str(n["port"]), n["type"] or "?",
+                             ",".join(map(str, n["pids"])) or "?", n["connect"],
+                             _cut(n["command"])))
+            lines += _table(rows)
+    if status["pids_hidden"]:
+        lines.append("(%s)" % status["pids_hidden_why"])
+    return lines
+
+
+def status_cli(port, as_json=False, timeout=STATUS_ANSWER_TIMEOUT):
+    """-status [-json]: print whether an epmd serves *port*, where it
+    listens, and each registered name with who listens on its port.
+    Exit status (STATUS_EXIT): 0 when an epmd answers, 1 when nothing
+    listens on the port, 3 when something listens but no epmd answers
+    within *timeout* seconds."""
+    status = epmd_status(port, timeout)
+    if as_json:
+        import json
+        out = json.dumps(status, sort_keys=True) + "\n"
+    else:
+        out = "".join(line + "\n" for line in format_status(status))
+    _out(out.encode("utf-8", "surrogateescape"))
+    return STATUS_EXIT[status["state"]]
 
 
 # ---------------------------------------------------------------------------
@@ -4361,7 +4610,8 @@ def main(argv=None):
     if action == "stop":
         return stop_cli(port, opts["stop_name"], timeout)
     if action == "status":
-        return status_cli(port, opts["json"])
+        return status_cli(port, opts["json"], timeout if opts["client_timeout_given"]
+                          else STATUS_ANSWER_TIMEOUT)
     script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else None
     handover = None
     try:
