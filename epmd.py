@@ -3314,6 +3314,22 @@ def proc_command(pid, limit=None):
     return cmd
 
 
+def port_servers_text(port):
+    """``pid N (command)`` of the processes listening on *port* (the first
+    command only; pids joined by commas), or ``pid ? (why)`` where they
+    cannot be seen: for the line of a -daemon that finds the port served."""
+    listeners, _ = find_listeners((port,))
+    if not listeners:
+        return "pid ? (its listening socket is not visible here)"
+    pids, denied = socket_pids([ls.inode for ls in listeners])
+    found = sorted({p for ps in pids.values() for p in ps})
+    if not found:
+        return "pid ? (%s)" % ("not permitted to read other users' /proc/<pid>/fd" if denied
+                               else "no process found holding its listening socket")
+    return "pid %s (%s)" % (",".join(map(str, found)),
+                            proc_command(found[0], DIAG_COMMAND_MAX) or "?")
+
+
 def sock_addrs(sock):
     """(family, (peer address, port), (own address, port)) of a connected
     TCP socket, IPv6 flow info dropped; raises OSError (for any other
@@ -4465,6 +4481,26 @@ def _terminate(signum, frame):
     raise EpmdExit(0)
 
 
+# erl's launcher (erlexec) sets these before it runs `epmd -daemon`, as it
+# does every time a distributed node starts.
+ERLEXEC_ENV = ("BINDIR", "EMU", "PROGNAME")
+
+
+def already_served_line(port, environ):
+    """The line -daemon prints (without ``epmd: ``) when an epmd already
+    serves *port*: which process serves it (D5).  Empty when erl started
+    this epmd (every variable of ERLEXEC_ENV set): erl runs ``epmd
+    -daemon`` at every start of a distributed node, and the line would
+    follow every such start."""
+    if all(v in environ for v in ERLEXEC_ENV):
+        return ""
+    try:
+        who = port_servers_text(port)
+    except Exception as e:  # diagnostics only: the exit status stays 0
+        who = "pid ? (%r)" % (e,)
+    return "an epmd already serves port %d: %s; this one exits without serving" % (port, who)
+
+
 def serve(epmd, ready=None):
     """Bind, report readiness through *ready* (a callable taking an exit
     code and a message, for -daemon), then run; return the exit status.
@@ -4481,7 +4517,7 @@ def serve(epmd, ready=None):
     except AlreadyRunning as e:
         log.dbg_tty_printf(0, "%s", e)
         if ready:
-            ready(0, "")
+            ready(0, already_served_line(epmd.port, os.environ))
         return 0
     except StartupError as e:
         log.dbg_printf(0, "%s", e)
@@ -4516,7 +4552,8 @@ def run_daemon(epmd):
     Double fork with setsid() between, SIGHUP ignored, cwd "/", umask 0,
     standard streams on /dev/null, logging to syslog.  D5: the parent
     returns only once the daemon has bound its sockets: 0 when it serves
-    (or another epmd holds the port, as OTP; silently), 1 with the bind
+    (or another epmd holds the port, as OTP; then with a line on stderr
+    naming the process that serves it, already_served_line), 1 with the bind
     error on stderr (D18: also when the port is held by anything but an
     epmd).  Should the child fail in any other way before it is bound, the
     parent prints that error and returns 1; after binding, the traceback
