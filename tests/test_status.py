@@ -620,3 +620,73 @@ def epmd_names_raw(port):
     with connect(port) as c:
         c.sendall(frame(b"n"))
         return read_to_eof(c)
+
+
+# -- many sockets on the host (issue 23, item 2) ------------------------------------
+
+def _best_of(fn, reps=5):
+    import time
+    best = None
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        took = time.perf_counter() - t0
+        best = took if best is None else min(best, took)
+    return best
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_many_connections_do_not_slow_lookups(start_epmd, impl):
+    """With 50,000 established loopback connections on the host (100,000
+    sockets), finding the daemon's listening sockets costs what it costs on
+    an idle host: sock_diag asks the kernel for listening sockets on the
+    port only (the /proc/net/tcp fallback reads all 100,000 lines, and is
+    measured beside it to show the difference).  -status still names the
+    daemon's PID (ours or OTP's), and a refused duplicate is answered and
+    followed by its D25 line (epmd.py) promptly.  Figures:
+    tests/many_sockets.py."""
+    from helpers import ManyConnections, established_count
+    d = start_epmd()
+    s, _ = register(d.port, "many", port=40557)
+    try:
+        idle = _best_of(lambda: epmd.find_listeners((d.port,)))
+        idle_proc = _best_of(lambda: list(epmd.iter_proc_tcp_sockets()))
+        with ManyConnections(50000):
+            assert established_count() >= 100000
+            busy_listeners, source = epmd.find_listeners((d.port,))
+            assert source == "sock_diag"
+            assert {ls.address for ls in busy_listeners} >= {"127.0.0.1"}
+            busy = _best_of(lambda: epmd.find_listeners((d.port,)))
+            busy_proc = _best_of(lambda: list(epmd.iter_proc_tcp_sockets()), 2)
+            print("find_listeners: idle %.2f ms, 50,000 connections %.2f ms; /proc/net/tcp "
+                  "read whole: idle %.1f ms, busy %.1f ms" % (idle * 1e3, busy * 1e3,
+                                                              idle_proc * 1e3, busy_proc * 1e3))
+            assert busy < 3 * idle + 0.005, (idle, busy)
+            assert busy_proc > 10 * busy       # what the fallback would have cost
+            rc, out, err = status(d.port)
+            assert rc == 0 and re.search(r"^127\.0\.0\.1:%d +%d " % (d.port, d.pid), out, re.M), out
+            t = _best_of(lambda: request_refused(d.port), 1)
+            assert t < 0.5, t
+            if impl == "py":
+                assert wait_until(lambda: 'refused ALIVE2_REQ' in d.stderr()
+                                  and 'name "many" is held by' in d.stderr(), 5), d.stderr()
+    finally:
+        s.close()
+
+
+def request_refused(port):
+    """A duplicate ALIVE2_REQ for "many": its reply (OTP's epmd keeps the
+    connection open after it, D9, so the reply is read, not the EOF)."""
+    c = connect(port)
+    try:
+        c.sendall(frame(alive2("many", port=40558)))
+        c.settimeout(10)
+        reply = b""
+        while len(reply) < 2:
+            data = c.recv(16)
+            assert data, reply
+            reply += data
+        assert reply[:2] == b"v\x01"
+    finally:
+        c.close()
