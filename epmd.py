@@ -1379,12 +1379,13 @@ def check_port_holders(family, addr, port, ours=()):
     naming the address, the port and the holder's uid otherwise.
 
     Holders are the listening sockets on *port* (proc_net_listeners:
-    sock_diag, else /proc/net/tcp{,6}) whose address conflicts with ours, minus our own sockets *ours*.  When none
-    is listed, the tables are read again for up to PROBE_TIMEOUT seconds
-    (another epmd may be between its bind and its listen); then the port is
-    held by a socket that does not listen.  Without /proc our address itself
-    is asked.  A wildcard holder is asked on our address (or, for a wildcard,
-    on the loopback address of our family).
+    sock_diag, else /proc/net/tcp{,6}) whose address conflicts with ours,
+    minus our own sockets *ours*.  When none is listed, they are asked
+    again for up to PROBE_TIMEOUT seconds (another epmd may be between its
+    bind and its listen); then the port is held by a socket that does not
+    listen.  Where neither can be read, our address itself is asked.  A
+    wildcard holder is asked on our address (or, for a wildcard, on the
+    loopback address of our family).
     D18: OTP exits 0 whoever holds the port.
     """
     own = set()

@@ -297,7 +297,8 @@ def test_old_python_says_what_it_needs(version, tmp_path):
     import epmd as mod
     python = old_python(version)
     subprocess.run([python, "-c", "import py_compile, sys; py_compile.compile(sys.argv[1], "
-                    "cfile=sys.argv[2], doraise=True)", str(EPMD_PY), str(tmp_path / "epmd.pyc")], check=True, timeout=30)
+                    "cfile=sys.argv[2], doraise=True)", str(EPMD_PY), str(tmp_path / "epmd.pyc")],
+                   check=True, timeout=30)
     for args in (["-names"], ["-port", str(free_port()), "-status"], []):
         p = subprocess.run([python, str(EPMD_PY)] + args, capture_output=True, timeout=30,
                            env=base_env())
