@@ -143,6 +143,15 @@ One accept per wake-up, as OTP: accepting every connection that waits
 (their number from TCP_INFO) saved 7% of the CPU at 32 clients but cost
 17% more instructions per request one at a time.
 
+Python 3.8 or newer runs this file; it must stay parseable by Python 3.6
+and 3.7 all the same.  Python compiles a file whole before it runs its
+first line, so the version check after the imports (MIN_PYTHON) can only
+tell an older interpreter what is needed if that interpreter parses every
+line: no syntax newer than 3.6's anywhere (no assignment expressions, no
+positional-only parameters, no f-string "="); tests/test_cli.py compiles
+the file with 3.6 and 3.7.  Python 2 cannot parse it, and its SyntaxError
+shows that check's print() line, which names the version needed.
+
 Where this file deliberately differs from OTP's daemon (the D numbers of
 README.md's and epmd(1)'s table of differences), the code says so with a
 "D<n>" comment.
