@@ -57,9 +57,11 @@ C sources carry its name (epmd_srv.c unless said):
                                conn_local_peer_check
     listening sockets          ListenAddress, parse_addresses,
                                open_listen_sockets (the part of run before
-                               the loop), iter_proc_tcp_sockets (the
-                               /proc/net/tcp{,6} reader), check_port_holders
-                               (who holds a port in use), systemd_listen_sockets,
+                               the loop), sock_diag_dump (the kernel's
+                               filtered socket list), iter_proc_tcp_sockets
+                               (the /proc/net/tcp{,6} reader, its fallback),
+                               find_listeners, check_port_holders (who
+                               holds a port in use), systemd_listen_sockets,
                                systemd_port, sd_notify
     hand-over                  re-exec on SIGUSR2 (D16): pack_state,
                                unpack_state, take_handover; FdStore (systemd's
@@ -73,11 +75,12 @@ C sources carry its name (epmd_srv.c unless said):
                                request, reply, do_write, epmd_cleanup_exit
                                (epmd.c); its class docstring indexes them
     diagnostics                sock_diag_find, socket_pids,
-                               Diagnostics (the refusal lines, D25/D26),
-                               epmd_status and status_cli (-status, D27)
+                               Diagnostics (the refusal lines, D25/D26)
     client commands            conn_to_epmd, read_fill, epmd_call (-names,
                                -dump, -started), kill_epmd (-kill), stop_cli
-                               (-stop), all of epmd_cli.c
+                               (-stop), all of epmd_cli.c, each within a
+                               time-out (run_timed, D29); epmd_status and
+                               status_cli (-status, D27)
     command line               usage, parse_args, run_daemon (epmd.c), main
 
 Our own names, without a C counterpart: Connection.take and set_state (the
@@ -140,6 +143,15 @@ One accept per wake-up, as OTP: accepting every connection that waits
 (their number from TCP_INFO) saved 7% of the CPU at 32 clients but cost
 17% more instructions per request one at a time.
 
+Python 3.8 or newer runs this file; it must stay parseable by Python 3.6
+and 3.7 all the same.  Python compiles a file whole before it runs its
+first line, so the version check after the imports (MIN_PYTHON) can only
+tell an older interpreter what is needed if that interpreter parses every
+line: no syntax newer than 3.6's anywhere (no assignment expressions, no
+positional-only parameters, no f-string "="); tests/test_cli.py compiles
+the file with 3.6 and 3.7.  Python 2 cannot parse it, and its SyntaxError
+shows that check's print() line, which names the version needed.
+
 Where this file deliberately differs from OTP's daemon (the D numbers of
 README.md's and epmd(1)'s table of differences), the code says so with a
 "D<n>" comment.
@@ -154,6 +166,21 @@ import socket
 import struct
 import sys
 import time
+
+# The oldest Python this file runs on.  Python compiles the whole file before
+# it runs its first line, so this check can only speak on an interpreter that
+# parses every line of the file: 3.6 and 3.7 do (so nothing newer than 3.6's
+# syntax may appear anywhere: no assignment expressions, no positional-only
+# parameters, no f-string "="; tests/test_cli.py compiles the file with them),
+# and stop here, before anything that fails on them at run time (namedtuple's
+# defaults=).  Python 2 cannot parse the file: its SyntaxError shows the
+# print() line below, which says what is needed.
+MIN_PYTHON = (3, 8)
+OLD_PYTHON_EXIT = 2
+if sys.version_info < MIN_PYTHON:
+    found = "Python %s (%s)" % (sys.version.split()[0], sys.executable)
+    print("epmd.py needs Python 3.8 or later; found %s" % found, file=sys.stderr)
+    sys.exit(OLD_PYTHON_EXIT)
 
 __all__ = ["main", "Epmd", "NodeTable", "Node", "Connection", "DebugLog"]
 __version__ = "0.1.0"
@@ -1077,6 +1104,34 @@ def open_listen_sockets(addresses, port, log):
 
 # -- who holds the port (D18) -------------------------------------------------
 
+# sock_diag (linux/netlink.h, linux/sock_diag.h, linux/inet_diag.h)
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST = 1
+NLM_F_DUMP = 0x300                  # NLM_F_ROOT | NLM_F_MATCH
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLMSG_HDR = struct.Struct("=IHHII")             # len type flags seq pid
+NLMSG_ERRNO = struct.Struct("=i")               # after the header of NLMSG_ERROR: -errno
+NLA_HDR = struct.Struct("=HH")                  # nlattr: len type
+NLA_ALIGN = 4
+INET_DIAG_REQ_V2 = struct.Struct("=BBBxI")      # family protocol ext pad states
+INET_DIAG_SOCKID = struct.Struct(">HH16s16s")   # sport dport src dst (network order)
+INET_DIAG_SOCKID_TAIL = struct.Struct("=III")   # if, cookie[2] (host order)
+INET_DIAG_NOCOOKIE = 0xFFFFFFFF
+INET_DIAG_MSG_HEAD = struct.Struct("=BBBB")     # family state timer retrans
+INET_DIAG_MSG_QUEUES = struct.Struct("=IIIII")  # expires rqueue wqueue uid inode, at offset 52
+INET_DIAG_MSG_QUEUES_OFFSET = INET_DIAG_MSG_HEAD.size + INET_DIAG_SOCKID.size + INET_DIAG_SOCKID_TAIL.size
+INET_DIAG_MSG_UID_INODE = struct.Struct("=II")  # uid inode, at offset 64 of inet_diag_msg
+INET_DIAG_MSG_UID_OFFSET = 4 + INET_DIAG_SOCKID.size + INET_DIAG_SOCKID_TAIL.size + 12
+INET_DIAG_REQ_BYTECODE = 1          # the nlattr type of a filter program
+INET_DIAG_BC_OP = struct.Struct("=BBH")         # code yes no (host order)
+INET_DIAG_BC_S_GE = 2               # source (local) port >= the next op's "no"
+INET_DIAG_BC_S_LE = 3               # source (local) port <= the next op's "no"
+NETLINK_READ_SIZE = 8192
+NETLINK_DUMP_READ_SIZE = 65536
+SOCK_DIAG_TIMEOUT = 1.0             # seconds a dump may take before we fall back to /proc
+
 PROC_NET_TCP = {socket.AF_INET: "/proc/net/tcp", socket.AF_INET6: "/proc/net/tcp6"}
 TCP_LISTEN = 0x0A                   # the "st" column of a listening socket
 TCP_ESTABLISHED = 0x01
@@ -1141,17 +1196,130 @@ def proc_tcp_sockets(families=(socket.AF_INET, socket.AF_INET6)):
     return list(iter_proc_tcp_sockets(families))
 
 
+def sock_diag_port_filter(port):
+    """The inet_diag bytecode that keeps the sockets whose own port is
+    *port*: ``S_GE port`` then ``S_LE port``, each an op (u8 code, u8 yes,
+    u16 no) followed by an op whose u16 "no" holds the port.  "yes" goes to
+    the next test; "no" jumps 4 bytes past the end, which rejects.
+    Source: linux/inet_diag.h; net/ipv4/inet_diag.c, inet_diag_bc_run."""
+    op = INET_DIAG_BC_OP.size
+    return (INET_DIAG_BC_OP.pack(INET_DIAG_BC_S_GE, 2 * op, 4 * op + NLA_ALIGN)
+            + INET_DIAG_BC_OP.pack(0, 0, port)
+            + INET_DIAG_BC_OP.pack(INET_DIAG_BC_S_LE, 2 * op, 2 * op + NLA_ALIGN)
+            + INET_DIAG_BC_OP.pack(0, 0, port))
+
+
+def sock_diag_dump(family, states, port=None, timeout=SOCK_DIAG_TIMEOUT):
+    """Ask the kernel for the TCP sockets of *family* in this network
+    namespace whose state is in *states* (a bit mask: 1 << TCP_LISTEN, ...)
+    and, if *port* is given, whose own port is *port*: the kernel applies
+    both filters, so the cost does not grow with the other sockets of the
+    host (a dump of listening sockets walks only the listening hash).
+
+    Request: nlmsghdr (SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP),
+    inet_diag_req_v2 (u8 family, u8 protocol, u8 ext, pad, u32 states, a
+    zero inet_diag_sockid), then for *port* an nlattr INET_DIAG_REQ_BYTECODE
+    holding sock_diag_port_filter(port).  Reply: one inet_diag_msg per
+    socket (u8 family, u8 state, u8 timer, u8 retrans, the sockid with be16
+    sport, be16 dport, 16-byte src and dst, then u32 expires, rqueue,
+    wqueue, uid, inode at offset 52), until NLMSG_DONE.
+
+    Yields (family, local address, local port, remote address, remote port,
+    state, uid, inode, rqueue, wqueue); for a listening socket rqueue is
+    the number of connections waiting to be accepted, wqueue its backlog.
+    Raises OSError where netlink or sock_diag is not available or not
+    allowed (not Linux, a seccomp or LSM policy, no inet_diag module) or
+    the kernel refuses the request; socket.timeout after *timeout* seconds.
+    Source: linux/inet_diag.h; net/ipv4/inet_diag.c, inet_diag_dump_icsk.
+    """
+    af_netlink = getattr(socket, "AF_NETLINK", None)
+    if af_netlink is None:
+        raise OSError(errno.EAFNOSUPPORT, "no netlink sockets here")
+    body = (INET_DIAG_REQ_V2.pack(family, socket.IPPROTO_TCP, 0, states)
+            + INET_DIAG_SOCKID.pack(0, 0, b"", b"")
+            + INET_DIAG_SOCKID_TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE))
+    if port is not None:
+        bc = sock_diag_port_filter(port)
+        body += NLA_HDR.pack(NLA_HDR.size + len(bc), INET_DIAG_REQ_BYTECODE) + bc
+    msg = NLMSG_HDR.pack(NLMSG_HDR.size + len(body), SOCK_DIAG_BY_FAMILY,
+                         NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body
+    addr_len = 4 if family == socket.AF_INET else 16
+    with socket.socket(af_netlink, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as nl:
+        nl.settimeout(timeout)
+        nl.sendto(msg, (0, 0))
+        while True:
+            data = nl.recv(NETLINK_DUMP_READ_SIZE)
+            if not data:
+                return
+            offset = 0
+            while offset + NLMSG_HDR.size <= len(data):
+                length, mtype, _, _, _ = NLMSG_HDR.unpack_from(data, offset)
+                if length < NLMSG_HDR.size:
+                    return
+                start = offset + NLMSG_HDR.size
+                offset += (length + NLA_ALIGN - 1) & ~(NLA_ALIGN - 1)
+                if mtype == NLMSG_DONE:
+                    return
+                if mtype == NLMSG_ERROR:
+                    err = -NLMSG_ERRNO.unpack_from(data, start)[0]
+                    raise OSError(err, "sock_diag: %s" % os.strerror(err))
+                if mtype != SOCK_DIAG_BY_FAMILY or length < NLMSG_HDR.size + INET_DIAG_MSG_UID_OFFSET + 8:
+                    continue
+                fam, state, _, _ = INET_DIAG_MSG_HEAD.unpack_from(data, start)
+                sport, dport, src, dst = INET_DIAG_SOCKID.unpack_from(data, start + INET_DIAG_MSG_HEAD.size)
+                _, rq, wq, uid, inode = INET_DIAG_MSG_QUEUES.unpack_from(
+                    data, start + INET_DIAG_MSG_QUEUES_OFFSET)
+                yield (fam, socket.inet_ntop(fam, src[:addr_len]), sport,
+                       socket.inet_ntop(fam, dst[:addr_len]), dport, state, uid, inode, rq, wq)
+
+
+Listener = collections.namedtuple("Listener", "family address port uid inode queued backlog")
+Listener.__doc__ = """A listening TCP socket: *queued* connections wait to
+be accepted (None when read from /proc/net/tcp, which does not say),
+*backlog* is its listen() backlog (None likewise)."""
+
+
+def find_listeners(ports, families=(socket.AF_INET, socket.AF_INET6)):
+    """Return (listeners, source): the TCP sockets of this network namespace
+    listening on any of *ports* (an iterable of ints), as Listener tuples,
+    and where they were read: "sock_diag", or "/proc/net/tcp" where netlink
+    is not allowed; (None, None) when neither can be read (not Linux, or
+    /proc hidden and netlink refused).
+
+    sock_diag_dump asks the kernel for the listening sockets only (with a
+    port filter when one port is asked), so an established connection of
+    the host costs nothing; /proc/net/tcp{,6} lists every socket and is
+    read whole.  A socket bound but not listening is in neither.
+    """
+    ports = set(ports)
+    found = []
+    try:
+        for family in families:
+            only = next(iter(ports)) if len(ports) == 1 else None
+            for e in sock_diag_dump(family, 1 << TCP_LISTEN, only):
+                if e[2] in ports:
+                    found.append(Listener(e[0], e[1], e[2], e[6], e[7], e[8], e[9]))
+        return found, "sock_diag"
+    except OSError:
+        pass
+    if not any(os.access(PROC_NET_TCP[f], os.R_OK) for f in families):
+        return None, None
+    found = [Listener(family, laddr, lport, uid, inode, None, None)
+             for family, laddr, lport, _, _, state, uid, inode in iter_proc_tcp_sockets(families)
+             if state == TCP_LISTEN and lport in ports]
+    return found, "/proc/net/tcp"
+
+
 def proc_net_listeners(port):
     """Return the TCP sockets listening on *port* in this network namespace,
-    as (family, address, uid, inode) tuples, from iter_proc_tcp_sockets;
-    None when neither /proc/net/tcp nor /proc/net/tcp6 can be read (other
-    systems, or /proc hidden).  A socket bound but not listening is not in
-    these tables."""
-    if not any(os.access(path, os.R_OK) for path in PROC_NET_TCP.values()):
+    as (family, address, uid, inode) tuples, from find_listeners (sock_diag,
+    else /proc/net/tcp{,6}); None when neither can be read (other systems,
+    or /proc hidden and netlink refused).  A socket bound but not listening
+    is not among them."""
+    listeners, _ = find_listeners((port,))
+    if listeners is None:
         return None
-    return [(family, laddr, uid, inode)
-            for family, laddr, lport, _, _, state, uid, inode in iter_proc_tcp_sockets()
-            if state == TCP_LISTEN and lport == port]
+    return [(ls.family, ls.address, ls.uid, ls.inode) for ls in listeners]
 
 
 def _v4_of(family, addr):
@@ -1204,6 +1372,14 @@ def answers_as_epmd(family, addr, port, timeout=PROBE_TIMEOUT):
                 data += chunk
     except OSError:
         return False
+    return is_names_reply(data, port)
+
+
+def is_names_reply(data, port):
+    """True if *data* is an epmd's whole answer to NAMES_REQ on *port*: the
+    u32 port (ours, or 4369: OTP's -systemd reports it whatever the port),
+    then ``name N at port P\\n`` lines (the last one may be cut where
+    MAX_PROBE_REPLY bytes were read)."""
     if len(data) < NAMES_HEADER_LEN or U32.unpack_from(data)[0] not in (port, EPMD_PORT_NO):
         return False
     lines = data[NAMES_HEADER_LEN:].split(b"\n")
@@ -1217,16 +1393,17 @@ def check_port_holders(family, addr, port, ours=()):
     raise AlreadyRunning if every holder answers as an epmd, StartupError
     naming the address, the port and the holder's uid otherwise.
 
-    Holders are the listening sockets of /proc/net/tcp{,6} on *port* whose
-    address conflicts with ours, minus our own sockets *ours*.  When none
-    is listed, the tables are read again for up to PROBE_TIMEOUT seconds
-    (another epmd may be between its bind and its listen); then the port is
-    held by a socket that does not listen.  Without /proc our address itself
-    is asked.  A wildcard holder is asked on our address (or, for a wildcard,
-    on the loopback address of our family).  Each address is asked once,
-    however many sockets listen on it (SO_REUSEPORT), and all of it runs
-    under one deadline: PROBE_TIMEOUT seconds from the start, and at least
-    PROBE_MIN for the answers (at most 2.5 s in all).
+    Holders are the listening sockets on *port* (proc_net_listeners:
+    sock_diag, else /proc/net/tcp{,6}) whose address conflicts with ours,
+    minus our own sockets *ours*.  When none is listed, they are asked
+    again for up to PROBE_TIMEOUT seconds (another epmd may be between its
+    bind and its listen); then the port is held by a socket that does not
+    listen.  Where neither can be read, our address itself is asked.  A
+    wildcard holder is asked on our address (or, for a wildcard, on the
+    loopback address of our family).  Each address is asked once, however
+    many sockets listen on it (SO_REUSEPORT), and all of it runs under one
+    deadline: PROBE_TIMEOUT seconds from the start, and at least PROBE_MIN
+    for the answers (at most 2.5 s in all).
     D18: OTP exits 0 whoever holds the port.
     """
     own = set()
@@ -3192,33 +3369,19 @@ class Epmd(Handover):
 
 
 # ---------------------------------------------------------------------------
-# Diagnostics: who holds a name, and -status (epmd.py only; D25-D27)
+# Diagnostics: who holds a name (epmd.py only; D25, D26; -status uses them too)
 #
 # OTP's epmd says only "node name already occupied" and lists names and
 # ports.  Running on the same host as its nodes, epmd.py can say more, from
-# what Linux shows every process: /proc/net/tcp and /proc/net/tcp6 (the TCP
-# sockets, with owner uid and inode), /proc/<pid>/fd (which process holds
-# which socket inode), /proc/<pid>/cmdline, and the kernel's sock_diag
-# netlink interface (one socket looked up by its addresses, without reading
-# the whole table).  Nothing here changes a byte on the wire or of OTP's
+# what Linux shows every process: the kernel's sock_diag netlink interface
+# (one socket looked up by its addresses, or the sockets of one state and
+# port, without reading the whole table; /proc/net/tcp{,6} where netlink is
+# not allowed), /proc/<pid>/fd (which process holds which socket inode) and
+# /proc/<pid>/cmdline.  Nothing here changes a byte on the wire or of OTP's
 # output: the daemon adds log lines after OTP's refusals, and -status is a
 # client action of its own.  Where /proc is missing or not readable the
 # answer is "?", never an error.
 # ---------------------------------------------------------------------------
-
-# sock_diag (linux/netlink.h, linux/sock_diag.h, linux/inet_diag.h)
-NETLINK_SOCK_DIAG = 4
-SOCK_DIAG_BY_FAMILY = 20
-NLM_F_REQUEST = 1
-NLMSG_ERROR = 2
-NLMSG_HDR = struct.Struct("=IHHII")             # len type flags seq pid
-INET_DIAG_REQ_V2 = struct.Struct("=BBBxI")      # family protocol ext pad states
-INET_DIAG_SOCKID = struct.Struct(">HH16s16s")   # sport dport src dst (network order)
-INET_DIAG_SOCKID_TAIL = struct.Struct("=III")   # if, cookie[2] (host order)
-INET_DIAG_NOCOOKIE = 0xFFFFFFFF
-INET_DIAG_MSG_UID_INODE = struct.Struct("=II")  # uid inode, at offset 64 of inet_diag_msg
-INET_DIAG_MSG_UID_OFFSET = 4 + INET_DIAG_SOCKID.size + INET_DIAG_SOCKID_TAIL.size + 12
-NETLINK_READ_SIZE = 8192
 
 # Limits of the daemon's look-up of who holds a name (it runs in the loop).
 DIAG_LOOKUP_BUDGET = 0.005          # seconds one look-up may take; then it logs what it has
@@ -3328,6 +3491,22 @@ def proc_command(pid, limit=None):
     if limit and len(cmd) > limit:
         cmd = cmd[:limit - 3] + "..."
     return cmd
+
+
+def port_servers_text(port):
+    """``pid N (command)`` of the processes listening on *port* (the first
+    command only; pids joined by commas), or ``pid ? (why)`` where they
+    cannot be seen: for the line of a -daemon that finds the port served."""
+    listeners, _ = find_listeners((port,))
+    if not listeners:
+        return "pid ? (its listening socket is not visible here)"
+    pids, denied = socket_pids([ls.inode for ls in listeners])
+    found = sorted({p for ps in pids.values() for p in ps})
+    if not found:
+        return "pid ? (%s)" % ("not permitted to read other users' /proc/<pid>/fd" if denied
+                               else "no process found holding its listening socket")
+    return "pid %s (%s)" % (",".join(map(str, found)),
+                            proc_command(found[0], DIAG_COMMAND_MAX) or "?")
 
 
 def sock_addrs(sock):
@@ -3667,7 +3846,269 @@ def alive2_packet_problem(payload):
     return None
 
 
-# -- -status: the client side --------------------------------------------------
+# ---------------------------------------------------------------------------
+# Client commands (OTP epmd_cli.c), and -status (epmd.py only)
+# ---------------------------------------------------------------------------
+
+
+# D29: OTP's client commands wait for ever on a daemon that accepted but does
+# not answer (stopped with SIGSTOP, hung, or not an epmd at all).
+CLIENT_TIMEOUT = 10.0               # seconds a client command waits for its answer in all
+CLIENT_TIMEOUT_ENV = "EPMD_PY_CLIENT_TIMEOUT"   # seconds instead; 0 waits for ever, as OTP
+CLIENT_TIMEOUT_LINE = ("epmd: no answer from local epmd on port %d within %g s "
+                       "(%s sets the time-out)\n")
+
+
+class ClientTimeout(Exception):
+    """A client command's time-out ran out (D29): the caller prints
+    CLIENT_TIMEOUT_LINE (unless silent) and exits 1."""
+
+
+def parse_client_timeout(value):
+    """EPMD_PY_CLIENT_TIMEOUT: seconds (a decimal number, fractions allowed)
+    a client command may take, 0 for no limit; None when *value* is None.
+    Raises ValueError for anything else (negative, not a number, inf, nan)."""
+    if value is None:
+        return None
+    secs = float(value)
+    if not 0 <= secs < float("inf"):
+        raise ValueError(value)
+    return secs
+
+
+def client_deadline(timeout):
+    """The time.monotonic() deadline of a client command given *timeout*
+    seconds (None when 0: no limit)."""
+    return time.monotonic() + timeout if timeout else None
+
+
+def time_left(deadline):
+    """Seconds left until *deadline* (for settimeout: None without one);
+    raises ClientTimeout when none are left."""
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise ClientTimeout()
+    return left
+
+
+def conn_to_epmd(port, silent=False, deadline=None):
+    """Connect to the local epmd on *port*: ``::1`` first, then 127.0.0.1.
+
+    Returns the socket (with a time-out of what is left until *deadline*,
+    a time.monotonic() value, if given), or None after printing ``epmd:
+    Cannot connect to local epmd`` on stderr (nothing when *silent*).
+    Raises ClientTimeout when *deadline* passes while connecting (a daemon
+    whose accept queue is full).  Source: OTP epmd_cli.c, conn_to_epmd.
+    """
+    for family, addr in ((socket.AF_INET6, "::1"), (socket.AF_INET, "127.0.0.1")):
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            continue
+        try:
+            sock.settimeout(time_left(deadline))
+            sock.connect((addr, port))
+            return sock
+        except socket.timeout:
+            sock.close()
+            raise ClientTimeout() from None
+        except OSError:
+            sock.close()
+        except ClientTimeout:
+            sock.close()
+            raise
+    if not silent:
+        sys.stderr.write("epmd: Cannot connect to local epmd\n")
+        sys.stderr.flush()
+    return None
+
+
+def client_recv(sock, size, deadline):
+    """sock.recv(*size*) within *deadline*: raises ClientTimeout when it
+    passes, OSError for any other failure."""
+    sock.settimeout(time_left(deadline))
+    try:
+        return sock.recv(size)
+    except socket.timeout:
+        raise ClientTimeout() from None
+
+
+def read_fill(sock, n, deadline=None):
+    """Read exactly *n* bytes; return them, b"" on EOF before that, or None
+    on a read error; raises ClientTimeout when *deadline* passes.
+    Source: OTP epmd_cli.c, read_fill."""
+    got = b""
+    while len(got) < n:
+        try:
+            data = client_recv(sock, n - len(got), deadline)
+        except OSError:
+            return None
+        if not data:
+            return b""
+        got += data
+    return got
+
+
+def _out(data):
+    out = sys.stdout.buffer
+    out.write(data)
+    out.flush()
+
+
+def send_request(sock, payload, deadline=None):
+    """Send *payload* with its u16 length; print OTP's error and return False
+    if that fails; raises ClientTimeout when *deadline* passes."""
+    try:
+        sock.settimeout(time_left(deadline))
+        sock.sendall(U16.pack(len(payload)) + payload)
+        return True
+    except socket.timeout:
+        raise ClientTimeout() from None
+    except OSError:
+        _out(b"epmd: Can't write to epmd\n")
+        return False
+
+
+def run_timed(command, port, timeout, silent=False):
+    """Run ``command(deadline)``, a client command given its deadline
+    (None when *timeout* is 0 or None: wait for ever, as OTP), and return
+    its exit status.  D29: a ClientTimeout becomes CLIENT_TIMEOUT_LINE on
+    stderr (nothing when *silent*) and exit 1."""
+    try:
+        return command(client_deadline(timeout))
+    except ClientTimeout:
+        if not silent:
+            sys.stderr.write(CLIENT_TIMEOUT_LINE % (port, timeout, CLIENT_TIMEOUT_ENV))
+            sys.stderr.flush()
+        return 1
+
+
+def epmd_call(port, what, silent=False, timeout=CLIENT_TIMEOUT):
+    """-names (NAMES_REQ), -dump (DUMP_REQ) and -started (silent NAMES_REQ).
+
+    Prints ``epmd: up and running on port P with data:`` and the reply as it
+    comes, raw; returns 0, or 1 when epmd cannot be reached or answers with
+    fewer than 4 bytes in its first read.  D29: 1 too, with
+    CLIENT_TIMEOUT_LINE on stderr (-started: silently), when the whole
+    exchange takes more than *timeout* seconds (0: no limit).
+    Source: OTP epmd_cli.c, epmd_call.
+    """
+    def call(deadline):
+        sock = conn_to_epmd(port, silent, deadline)
+        if sock is None:
+            return 1
+        with sock:
+            if not send_request(sock, bytes((what,)), deadline):
+                return 1
+            try:
+                head = client_recv(sock, NAMES_HEADER_LEN, deadline)
+            except OSError:
+                head = b""
+            if len(head) != NAMES_HEADER_LEN:
+                if not silent:
+                    _out(b"epmd: no response from local epmd\n")
+                return 1
+            if not silent:
+                _out(b"epmd: up and running on port %d with data:\n" % U32.unpack(head)[0])
+            while True:
+                try:
+                    data = client_recv(sock, CLIENT_READ_SIZE, deadline)
+                except OSError:
+                    data = b""
+                if not data:
+                    return 0
+                if not silent:
+                    _out(data)
+    return run_timed(call, port, timeout, silent)
+
+
+def _answer(data):
+    """Print OTP's message for a short (b"") or failed (None) answer; return 1."""
+    if data is None:
+        _out(b"epmd: failed to read answer from local epmd\n")
+    else:
+        _out(b"epmd: local epmd responded with <>\n")
+    return 1
+
+
+def kill_epmd(port, timeout=CLIENT_TIMEOUT):
+    """-kill: ``Killed`` (0), ``Killing not allowed - living nodes in
+    database.`` (1), or OTP's message for no answer (1); D29: the time-out
+    line after *timeout* seconds (1).  Source: OTP epmd_cli.c, kill_epmd."""
+    def call(deadline):
+        sock = conn_to_epmd(port, deadline=deadline)
+        if sock is None:
+            return 1
+        with sock:
+            if not send_request(sock, bytes((KILL_REQ,)), deadline):
+                return 1
+            data = read_fill(sock, len(KILL_OK), deadline)
+            if not data:
+                return _answer(data)
+            if data == KILL_OK:
+                _out(b"Killed\n")
+                return 0
+            _out(b"Killing not allowed - living nodes in database.\n")
+            return 1
+    return run_timed(call, port, timeout)
+
+
+def stop_cli(port, name, timeout=CLIENT_TIMEOUT):
+    """-stop NAME: print the 7-byte answer (``STOPPED`` or ``NOEXIST``), 0;
+    ``epmd: Name too long!`` (no newline) for names over 1000 bytes, 1;
+    D29: the time-out line after *timeout* seconds, 1.
+    Source: OTP epmd_cli.c, stop_cli."""
+    if len(name) > CLIENT_MAX_STOP_NAME:
+        _out(b"epmd: Name too long!")
+        return 1
+
+    def call(deadline):
+        sock = conn_to_epmd(port, deadline=deadline)
+        if sock is None:
+            return 1
+        with sock:
+            if not send_request(sock, bytes((STOP_REQ,)) + name, deadline):
+                return 1
+            data = read_fill(sock, len(STOP_OK), deadline)
+            if not data:
+                return _answer(data)
+            _out(data + b"\n")
+            return 0
+    return run_timed(call, port, timeout)
+
+
+# -- -status (D27) ---------------------------------------------------------------
+
+STATUS_ANSWER_TIMEOUT = 2.0         # seconds -status waits for NAMES_REQ's answer
+                                    # (EPMD_PY_CLIENT_TIMEOUT instead when set)
+# What -status finds on the port, its "state" in -json, and its exit status.
+STATE_SERVING = "serving"           # an epmd answers NAMES_REQ
+STATE_NOT_LISTENING = "not listening"   # nothing listens: connections are refused
+STATE_NOT_ANSWERING = "not answering"   # something listens, but no epmd answer in time
+STATUS_EXIT = {STATE_SERVING: 0, STATE_NOT_LISTENING: 1, STATE_NOT_ANSWERING: 3}
+# How -status text shows a control character or a lone surrogate (an invalid
+# UTF-8 byte of a node name) of a name or command: as JSON writes it (issue 20).
+JSON_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b", "\f": "\\f"}
+C1_END = 0xA0                       # U+0080..U+009F are control characters too
+
+
+def escape_controls(s):
+    """*s* with every control character (U+0000..U+001F, U+007F..U+009F),
+    lone surrogate and backslash escaped as JSON writes them (``\\n``,
+    ``\\u001b``, ``\\udcff``, ``\\\\``), so that a node name cannot move the
+    cursor or recolour the terminal; everything else is left as it is."""
+    out = []
+    for c in s:
+        o = ord(c)
+        if c in JSON_ESCAPES:
+            out.append(JSON_ESCAPES[c])
+        elif o < 0x20 or 0x7F <= o < C1_END or 0xD800 <= o <= 0xDFFF:
+            out.append("\\u%04x" % o)
+        else:
+            out.append(c)
+    return "".join(out)
 
 
 def _status_procs(pids_by_inode, inodes):
@@ -3696,25 +4137,31 @@ def port_accepts(port, timeout=STATUS_CONNECT_TIMEOUT):
     return why
 
 
-def _ask(port, payload):
-    """One request to the local epmd on *port*; the whole answer, or None
-    if it cannot be reached."""
-    sock = conn_to_epmd(port, silent=True)
-    if sock is None:
-        return None
-    with sock:
-        sock.settimeout(STATUS_CONNECT_TIMEOUT * 5)
-        try:
+def _ask(port, payload, timeout):
+    """One request to the local epmd on *port* (conn_to_epmd: ::1, then
+    127.0.0.1), all within *timeout* seconds (0 or None: no limit).
+    Returns (answer, why): the bytes read until the peer closed and None,
+    or None and why there is none: "refused" (nothing accepts on ::1 or
+    127.0.0.1), "timed out", or the error's text."""
+    deadline = client_deadline(timeout)
+    chunks = []
+    try:
+        sock = conn_to_epmd(port, silent=True, deadline=deadline)
+        if sock is None:
+            return None, "refused"
+        with sock:
+            sock.settimeout(time_left(deadline))
             sock.sendall(U16.pack(len(payload)) + payload)
-            chunks = []
             while True:
-                data = sock.recv(CLIENT_READ_SIZE)
+                data = client_recv(sock, CLIENT_READ_SIZE, deadline)
                 if not data:
                     break
                 chunks.append(data)
-        except OSError:
-            return None
-    return b"".join(chunks)
+    except (ClientTimeout, socket.timeout):
+        return None, "timed out"
+    except OSError as e:
+        return None, e.strerror or str(e)
+    return b"".join(chunks), None
 
 
 def parse_names_reply(body):
@@ -3729,50 +4176,107 @@ def parse_names_reply(body):
     return out
 
 
-def epmd_status(port):
+def proc_readable():
+    """Why process ids cannot be found here (/proc missing, or its
+    per-process directories hidden, as hardened containers do), or None
+    when this process can read its own /proc/<pid>/fd."""
+    try:
+        os.listdir("/proc/%d/fd" % os.getpid())
+        return None
+    except OSError as e:
+        return "process ids unknown: /proc/<pid>/fd cannot be read here (%s): /proc is " \
+               "hidden or not mounted" % (e.strerror or e)
+
+
+def not_answering_why(port, answer, why, timeout, on_loopback):
+    """The *error* of a port something listens on without an epmd answer."""
+    if not on_loopback:
+        return "it listens on port %d, but not on ::1 or 127.0.0.1, where nodes and clients " \
+               "ask" % port
+    if why == "timed out":
+        return "something listens on port %d but did not answer NAMES_REQ within %g s" % (
+            port, timeout)
+    if why is not None:
+        return "something listens on port %d but the connection failed: %s" % (port, why)
+    if not answer:
+        return "something listens on port %d but closed the connection without an answer" % port
+    return "something listens on port %d but its answer to NAMES_REQ (%d bytes) is not an " \
+           "epmd's" % (port, len(answer))
+
+
+def epmd_status(port, timeout=STATUS_ANSWER_TIMEOUT):
     """Gather what -status shows, as the dict -status -json prints:
 
         port        the port asked (int)
-        running     whether an epmd answered NAMES_REQ there (bool)
+        state       "serving" (an epmd answered NAMES_REQ within *timeout*
+                    seconds), "not listening" (nothing listens on the port:
+                    ::1 and 127.0.0.1 refuse connections), or "not
+                    answering" (something listens, see listeners, but no
+                    epmd answered within *timeout*: a stopped or hung
+                    daemon, or another program); STATUS_EXIT gives the exit
+                    status of each
+        running     state == "serving" (bool)
         error       why not (str), or null
         listeners   one object per listening socket on *port* in this
-                    network namespace: address, port, pids (list of int,
-                    empty when unknown), command (str or null)
+                    network namespace: address, port, family ("ipv4",
+                    "ipv6"), pids (list of int, empty when unknown), command
+                    (str or null), queued (connections waiting to be
+                    accepted; null where only /proc/net/tcp was readable)
+        listeners_source  where the listeners were read: "sock_diag" (the
+                    kernel's netlink interface), "/proc/net/tcp" (where
+                    netlink is not allowed), or null (neither: unknown)
         names       one object per registered name, newest first: name,
                     port (its distribution port), type ("normal", "hidden",
                     or "type N"; null if it left meanwhile), nodetype (int or
                     null), pids and command of the processes listening on
                     the distribution port, connect ("accepts", "refused",
                     "timed out", ...), accepts (bool)
-        pids_hidden whether some processes' descriptors were not readable
-                    (not root), so a PID shown as unknown may exist (bool)
+        pids_hidden whether process ids may be missing: some processes'
+                    descriptors were not readable (not root), or /proc is
+                    not readable at all (bool)
+        pids_hidden_why  why (str), or null
     """
-    status = {"port": port, "running": False, "error": None, "listeners": [], "names": [],
-              "pids_hidden": False}
-    answer = _ask(port, bytes((NAMES_REQ,)))
-    if answer is None:
-        status["error"] = "nothing accepts connections on ::1 or 127.0.0.1"
-    elif len(answer) < NAMES_HEADER_LEN:
-        status["error"] = "connected, but no answer to NAMES_REQ"
-    else:
+    status = {"port": port, "state": STATE_SERVING, "running": False, "error": None,
+              "listeners": [], "listeners_source": None, "names": [], "pids_hidden": False,
+              "pids_hidden_why": None}
+    # the port's own listeners first, so that their queues do not count
+    # the connection of this NAMES_REQ
+    own, source = find_listeners((port,))
+    own = own or []
+    status["listeners_source"] = source
+    answer, why = _ask(port, bytes((NAMES_REQ,)), timeout)
+    names = []
+    if answer is not None and is_names_reply(answer, port):
         status["running"] = True
-    names = parse_names_reply(answer[NAMES_HEADER_LEN:]) if status["running"] else []
-    wanted = {port} | {p for _, p in names}
-    listening = [e for e in iter_proc_tcp_sockets() if e[5] == TCP_LISTEN and e[2] in wanted]
-    pids, denied = socket_pids([e[7] for e in listening])
-    status["pids_hidden"] = denied > 0
-    for e in listening:
-        if e[2] == port:
-            p, cmd = _status_procs(pids, (e[7],))
-            status["listeners"].append({"address": e[1], "port": port, "pids": p,
-                                        "command": cmd, "family": "ipv6"
-                                        if e[0] == socket.AF_INET6 else "ipv4"})
+        names = parse_names_reply(answer[NAMES_HEADER_LEN:])
+    listening = list(own)
+    if names:
+        listening += [ls for ls in find_listeners({p for _, p in names} - {port})[0] or ()]
+    if not status["running"]:
+        if why == "refused" and not own:
+            status["state"] = STATE_NOT_LISTENING
+            status["error"] = "nothing listens there (::1 and 127.0.0.1 refuse connections)"
+        else:
+            status["state"] = STATE_NOT_ANSWERING
+            status["error"] = not_answering_why(port, answer, why, timeout, why != "refused")
+    pids, denied = socket_pids([ls.inode for ls in listening])
+    hidden = proc_readable()
+    if hidden is None and denied:
+        hidden = "other users' processes are not visible without privileges: run as root " \
+                 "to see every PID"
+    status["pids_hidden"] = hidden is not None
+    status["pids_hidden_why"] = hidden
+    for ls in own:
+        p, cmd = _status_procs(pids, (ls.inode,))
+        status["listeners"].append({"address": ls.address, "port": port, "pids": p,
+                                    "command": cmd, "queued": ls.queued, "family": "ipv6"
+                                    if ls.family == socket.AF_INET6 else "ipv4"})
     for name, nport in names:
         nodetype = None
-        resp = _ask(port, bytes((PORT_PLEASE2_REQ,)) + name)
+        resp, _ = _ask(port, bytes((PORT_PLEASE2_REQ,)) + name, timeout)
         if resp and len(resp) >= PORT2_RESP_FIXED.size and resp[1] == RESULT_OK:
             nodetype = PORT2_RESP_FIXED.unpack_from(resp)[3]
-        p, cmd = _status_procs(pids, [e[7] for e in listening if e[2] == nport])
+        p, cmd = _status_procs(pids, [ls.inode for ls in listening if ls.port == nport])
         connect = port_accepts(nport)
         status["names"].append({
             "name": text(name), "port": nport, "nodetype": nodetype,
@@ -3782,8 +4286,10 @@ def epmd_status(port):
 
 
 def _cut(s, limit=STATUS_COMMAND_MAX):
+    """*s* escaped (escape_controls) and cut to *limit* characters, or ``?``."""
     if s is None:
         return "?"
+    s = escape_controls(s)
     return s if len(s) <= limit else s[:limit - 3] + "..."
 
 
@@ -3794,11 +4300,22 @@ def _table(rows):
 
 
 def format_status(status):
-    """The text -status prints for *status* (see epmd_status), as lines."""
+    """The text -status prints for *status* (see epmd_status), as lines:
+    the verdict, the listening sockets (ADDRESS, PID, COMMAND), the names
+    (NAME, PORT, TYPE, PID, CONNECT, COMMAND) when an epmd answers, and why
+    PIDs may be missing.  Names and commands are escaped (escape_controls)."""
     port = status["port"]
-    if not status["running"]:
+    state = status["state"]
+    if state == STATE_NOT_LISTENING:
         return ["epmd: not running on port %d: %s" % (port, status["error"])]
-    lines = ["epmd: up and running on port %d" % port]
+    if state == STATE_SERVING:
+        lines = ["epmd: up and running on port %d" % port]
+    else:
+        queued = sum(ls["queued"] or 0 for ls in status["listeners"])
+        lines = ["epmd: not answering on port %d: %s%s" % (
+            port, status["error"], "; %d connection%s wait%s to be accepted" % (
+                queued, "" if queued == 1 else "s", "s" if queued == 1 else "")
+            if queued else "")]
     rows = [("ADDRESS", "PID", "COMMAND")]
     for ls in status["listeners"]:
         rows.append((format_addr(socket.AF_INET6 if ls["family"] == "ipv6" else socket.AF_INET,
@@ -3806,177 +4323,40 @@ def format_status(status):
                      ",".join(map(str, ls["pids"])) or "?", _cut(ls["command"])))
     if len(rows) > 1:
         lines += _table(rows)
+    elif status["listeners_source"] is None:
+        lines.append("listening sockets: ? (neither sock_diag nor /proc/net/tcp can be read here)")
     else:
-        lines.append("listening sockets: ? (not in this network namespace's /proc/net/tcp)")
-    if not status["names"]:
-        lines.append("no names registered")
-    else:
-        rows = [("NAME", "PORT", "TYPE", "PID", "CONNECT", "COMMAND")]
-        for n in status["names"]:
-            rows.append((n["name"], str(n["port"]), n["type"] or "?",
-                         ",".join(map(str, n["pids"])) or "?", n["connect"], _cut(n["command"])))
-        lines += _table(rows)
+        lines.append("listening sockets: none on port %d in this network namespace (the epmd "
+                     "that answers listens in another one, e.g. a container's)" % port)
+    if state == STATE_SERVING:
+        if not status["names"]:
+            lines.append("no names registered")
+        else:
+            rows = [("NAME", "PORT", "TYPE", "PID", "CONNECT", "COMMAND")]
+            for n in status["names"]:
+                rows.append((escape_controls(n["name"]), str(n["port"]), n["type"] or "?",
+                             ",".join(map(str, n["pids"])) or "?", n["connect"],
+                             _cut(n["command"])))
+            lines += _table(rows)
     if status["pids_hidden"]:
-        lines.append("(other users' processes are not visible without privileges: run as root "
-                     "to see every PID)")
+        lines.append("(%s)" % status["pids_hidden_why"])
     return lines
 
 
-def status_cli(port, as_json=False):
+def status_cli(port, as_json=False, timeout=STATUS_ANSWER_TIMEOUT):
     """-status [-json]: print whether an epmd serves *port*, where it
     listens, and each registered name with who listens on its port.
-    Exit status as -started: 0 when an epmd answers, 1 when not."""
-    status = epmd_status(port)
+    Exit status (STATUS_EXIT): 0 when an epmd answers, 1 when nothing
+    listens on the port, 3 when something listens but no epmd answers
+    within *timeout* seconds."""
+    status = epmd_status(port, timeout)
     if as_json:
         import json
         out = json.dumps(status, sort_keys=True) + "\n"
     else:
         out = "".join(line + "\n" for line in format_status(status))
     _out(out.encode("utf-8", "surrogateescape"))
-    return 0 if status["running"] else 1
-
-
-# ---------------------------------------------------------------------------
-# Client commands (OTP epmd_cli.c)
-# ---------------------------------------------------------------------------
-
-
-def conn_to_epmd(port, silent=False):
-    """Connect to the local epmd on *port*: ``::1`` first, then 127.0.0.1.
-
-    Returns the socket, or None after printing ``epmd: Cannot connect to
-    local epmd`` on stderr (nothing when *silent*).
-    Source: OTP epmd_cli.c, conn_to_epmd.
-    """
-    for family, addr in ((socket.AF_INET6, "::1"), (socket.AF_INET, "127.0.0.1")):
-        try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-        except OSError:
-            continue
-        try:
-            sock.connect((addr, port))
-            return sock
-        except OSError:
-            sock.close()
-    if not silent:
-        sys.stderr.write("epmd: Cannot connect to local epmd\n")
-        sys.stderr.flush()
-    return None
-
-
-def read_fill(sock, n):
-    """Read exactly *n* bytes; return them, b"" on EOF before that, or None
-    on a read error.  Source: OTP epmd_cli.c, read_fill."""
-    got = b""
-    while len(got) < n:
-        try:
-            data = sock.recv(n - len(got))
-        except OSError:
-            return None
-        if not data:
-            return b""
-        got += data
-    return got
-
-
-def _out(data):
-    out = sys.stdout.buffer
-    out.write(data)
-    out.flush()
-
-
-def send_request(sock, payload):
-    """Send *payload* with its u16 length; print OTP's error and return False
-    if that fails."""
-    try:
-        sock.sendall(U16.pack(len(payload)) + payload)
-        return True
-    except OSError:
-        _out(b"epmd: Can't write to epmd\n")
-        return False
-
-
-def epmd_call(port, what, silent=False):
-    """-names (NAMES_REQ), -dump (DUMP_REQ) and -started (silent NAMES_REQ).
-
-    Prints ``epmd: up and running on port P with data:`` and the reply as it
-    comes, raw; returns 0, or 1 when epmd cannot be reached or answers with
-    fewer than 4 bytes in its first read.  Source: OTP epmd_cli.c, epmd_call.
-    """
-    sock = conn_to_epmd(port, silent)
-    if sock is None:
-        return 1
-    with sock:
-        if not send_request(sock, bytes((what,))):
-            return 1
-        try:
-            head = sock.recv(NAMES_HEADER_LEN)
-        except OSError:
-            head = b""
-        if len(head) != NAMES_HEADER_LEN:
-            if not silent:
-                _out(b"epmd: no response from local epmd\n")
-            return 1
-        if not silent:
-            _out(b"epmd: up and running on port %d with data:\n" % U32.unpack(head)[0])
-        while True:
-            try:
-                data = sock.recv(CLIENT_READ_SIZE)
-            except OSError:
-                data = b""
-            if not data:
-                return 0
-            if not silent:
-                _out(data)
-
-
-def _answer(data):
-    """Print OTP's message for a short (b"") or failed (None) answer; return 1."""
-    if data is None:
-        _out(b"epmd: failed to read answer from local epmd\n")
-    else:
-        _out(b"epmd: local epmd responded with <>\n")
-    return 1
-
-
-def kill_epmd(port):
-    """-kill: ``Killed`` (0), ``Killing not allowed - living nodes in
-    database.`` (1), or OTP's message for no answer (1).
-    Source: OTP epmd_cli.c, kill_epmd."""
-    sock = conn_to_epmd(port)
-    if sock is None:
-        return 1
-    with sock:
-        if not send_request(sock, bytes((KILL_REQ,))):
-            return 1
-        data = read_fill(sock, len(KILL_OK))
-        if not data:
-            return _answer(data)
-        if data == KILL_OK:
-            _out(b"Killed\n")
-            return 0
-        _out(b"Killing not allowed - living nodes in database.\n")
-        return 1
-
-
-def stop_cli(port, name):
-    """-stop NAME: print the 7-byte answer (``STOPPED`` or ``NOEXIST``), 0;
-    ``epmd: Name too long!`` (no newline) for names over 1000 bytes, 1.
-    Source: OTP epmd_cli.c, stop_cli."""
-    if len(name) > CLIENT_MAX_STOP_NAME:
-        _out(b"epmd: Name too long!")
-        return 1
-    sock = conn_to_epmd(port)
-    if sock is None:
-        return 1
-    with sock:
-        if not send_request(sock, bytes((STOP_REQ,)) + name):
-            return 1
-        data = read_fill(sock, len(STOP_OK))
-        if not data:
-            return _answer(data)
-        _out(data + b"\n")
-        return 0
+    return STATUS_EXIT[status["state"]]
 
 
 # ---------------------------------------------------------------------------
@@ -4022,7 +4402,8 @@ DbgExtra options
     -delay_write Seconds
         Sleep this long before every reply write (simulates a busy daemon).
 
-Client options (talk to the epmd on -port)
+Client options (talk to the epmd on -port; give up after %(client_timeout)g s
+without an answer, or after $%(timeout_env)s seconds, 0 for never)
     -names
         List the names registered with the running epmd.
     -dump
@@ -4047,6 +4428,11 @@ Other options
         Print this text on stdout and exit 0.
     -version, --version
         Print the version of epmd.py and exit 0.
+"""
+
+USAGE_SHORT = """\
+usage: epmd [options] [-names|-dump|-started|-kill|-stop Name|-status [-json]]
+see `epmd -help`
 """
 
 # Flags: name -> (option key, takes a value).  Read by usage tests and the man page test.
@@ -4143,13 +4529,37 @@ def parse_seconds(flag, value):
     return secs
 
 
+SUGGEST_CUTOFF = 0.75                 # difflib ratio a flag needs to be suggested
+SUGGEST_MIN_PREFIX = 3                # characters of a flag's start that suggest it
+
+
+def did_you_mean(arg):
+    """`` (did you mean -names?)`` for an unknown flag *arg* close to a known
+    one (``--names``, ``-name``, ``-stauts``, ``-relaxed``), else ``""``.
+    In this order: the flag with one dash less; the one flag that *arg*
+    (without its dashes, at least SUGGEST_MIN_PREFIX characters) begins;
+    the closest flag by difflib's ratio, if at least SUGGEST_CUTOFF."""
+    import difflib
+    known = list(ALL_FLAGS) + list(INFO_FLAGS)
+    body = arg.lstrip("-")
+    prefixed = [k for k in known if len(body) >= SUGGEST_MIN_PREFIX and k.lstrip("-").startswith(body)]
+    if arg.startswith("--") and arg[1:] in known:
+        close = [arg[1:]]
+    elif len(prefixed) == 1:
+        close = prefixed
+    else:
+        close = difflib.get_close_matches(arg, known, n=1, cutoff=SUGGEST_CUTOFF)
+    return " (did you mean %s?)" % close[0] if close else ""
+
+
 def parse_args(argv, environ):
     """Parse the command line *argv* (without the program name).
 
     Returns a dict of options: port, address, debug, daemon, relaxed,
     systemd, packet_timeout, delay_accept, delay_write, and action (None,
     "names", "dump", "started", "kill", "stop" or "status") with stop_name
-    (bytes) and json (-json, for -status).  A request for help or the
+    (bytes), json (-json, for -status) and client_timeout (seconds a client
+    command may take, from EPMD_PY_CLIENT_TIMEOUT; 0: no limit).  A request for help or the
     version (INFO_FLAGS) returns at once with action "help" or "version".
     Environment first (ERL_EPMD_PORT, ERL_EPMD_ADDRESS,
     ERL_EPMD_RELAXED_COMMAND_CHECK), flags override it.  D11: client
@@ -4161,9 +4571,17 @@ def parse_args(argv, environ):
         "daemon": False, "relaxed": "ERL_EPMD_RELAXED_COMMAND_CHECK" in environ,
         "systemd": False, "packet_timeout": CLOSE_TIMEOUT, "delay_accept": 0,
         "delay_write": 0, "action": None, "stop_name": None, "port_given": False,
-        "json": False,
+        "json": False, "client_timeout": CLIENT_TIMEOUT, "client_timeout_given": False,
     }
     env_port = environ.get("ERL_EPMD_PORT")
+    try:
+        secs = parse_client_timeout(environ.get(CLIENT_TIMEOUT_ENV))
+    except ValueError:
+        raise UsageError("invalid %s: %r (expected seconds >= 0; 0 waits for ever)"
+                         % (CLIENT_TIMEOUT_ENV, environ[CLIENT_TIMEOUT_ENV])) from None
+    if secs is not None:
+        opts["client_timeout"] = secs
+        opts["client_timeout_given"] = True
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -4172,7 +4590,7 @@ def parse_args(argv, environ):
             return opts
         spec = ALL_FLAGS.get(arg)
         if spec is None:
-            raise UsageError("unknown option %r" % arg)
+            raise UsageError("unknown option %r%s" % (arg, did_you_mean(arg)))
         key, takes_value = spec
         value = None
         if takes_value:
@@ -4205,22 +4623,27 @@ def parse_args(argv, environ):
 
 
 def usage(msg=None, out=None):
-    """Print *msg* (if any) and the usage text on stderr; return 1.
+    """Print *msg* (if any), the one-line synopsis and where the help is, on
+    stderr; return 1 (a usage error)::
 
-    D23: our own usage text, which names the bad option or value first
-    (``epmd: unknown option '-bogus'``); OTP prints its usage text alone.
-    With *out* (a text stream), print only the usage text there and return
-    0: the answer to -h, -help and --help (D14).
+        epmd: unknown option '--names' (did you mean -names?)
+        usage: epmd [options] [-names|-dump|-started|-kill|-stop Name|-status [-json]]
+        see `epmd -help`
+
+    D23: OTP prints its whole usage text alone; 63 lines of help would
+    scroll the error line away.  With *out* (a text stream), print the
+    whole usage text there and return 0: the answer to -h, -help and
+    --help (D14).
     """
-    text_ = USAGE % {"port": EPMD_PORT_NO, "debug_unreg": DEBUG_MAX_UNREG_COUNT,
-                     "timeout": CLOSE_TIMEOUT, "cap": REQUEST_TIME_CAP}
     if out is not None:
-        out.write(text_)
+        out.write(USAGE % {"port": EPMD_PORT_NO, "debug_unreg": DEBUG_MAX_UNREG_COUNT,
+                           "timeout": CLOSE_TIMEOUT, "cap": REQUEST_TIME_CAP,
+                           "client_timeout": CLIENT_TIMEOUT, "timeout_env": CLIENT_TIMEOUT_ENV})
         out.flush()
         return 0
     if msg:
         sys.stderr.write("epmd: %s\n" % msg)
-    sys.stderr.write(text_)
+    sys.stderr.write(USAGE_SHORT)
     sys.stderr.flush()
     return 1
 
@@ -4292,6 +4715,26 @@ def _terminate(signum, frame):
     raise EpmdExit(0)
 
 
+# erl's launcher (erlexec) sets these before it runs `epmd -daemon`, as it
+# does every time a distributed node starts.
+ERLEXEC_ENV = ("BINDIR", "EMU", "PROGNAME")
+
+
+def already_served_line(port, environ):
+    """The line -daemon prints (without ``epmd: ``) when an epmd already
+    serves *port*: which process serves it (D5).  Empty when erl started
+    this epmd (every variable of ERLEXEC_ENV set): erl runs ``epmd
+    -daemon`` at every start of a distributed node, and the line would
+    follow every such start."""
+    if all(v in environ for v in ERLEXEC_ENV):
+        return ""
+    try:
+        who = port_servers_text(port)
+    except Exception as e:  # diagnostics only: the exit status stays 0
+        who = "pid ? (%r)" % (e,)
+    return "an epmd already serves port %d: %s; this one exits without serving" % (port, who)
+
+
 def serve(epmd, ready=None):
     """Bind, report readiness through *ready* (a callable taking an exit
     code and a message, for -daemon), then run; return the exit status.
@@ -4308,7 +4751,7 @@ def serve(epmd, ready=None):
     except AlreadyRunning as e:
         log.dbg_tty_printf(0, "%s", e)
         if ready:
-            ready(0, "")
+            ready(0, already_served_line(epmd.port, os.environ))
         return 0
     except StartupError as e:
         log.dbg_printf(0, "%s", e)
@@ -4343,7 +4786,8 @@ def run_daemon(epmd):
     Double fork with setsid() between, SIGHUP ignored, cwd "/", umask 0,
     standard streams on /dev/null, logging to syslog.  D5: the parent
     returns only once the daemon has bound its sockets: 0 when it serves
-    (or another epmd holds the port, as OTP; silently), 1 with the bind
+    (or another epmd holds the port, as OTP; then with a line on stderr
+    naming the process that serves it, already_served_line), 1 with the bind
     error on stderr (D18: also when the port is held by anything but an
     epmd).  Should the child fail in any other way before it is bound, the
     parent prints that error and returns 1; after binding, the traceback
@@ -4425,18 +4869,20 @@ def main(argv=None):
     port = opts["port"]
     if opts["json"] and action != "status":
         return usage("-json goes with -status only")
+    timeout = opts["client_timeout"]
     if action == "names":
-        return epmd_call(port, NAMES_REQ)
+        return epmd_call(port, NAMES_REQ, timeout=timeout)
     if action == "dump":
-        return epmd_call(port, DUMP_REQ)
+        return epmd_call(port, DUMP_REQ, timeout=timeout)
     if action == "started":
-        return epmd_call(port, NAMES_REQ, silent=True)
+        return epmd_call(port, NAMES_REQ, silent=True, timeout=timeout)
     if action == "kill":
-        return kill_epmd(port)
+        return kill_epmd(port, timeout)
     if action == "stop":
-        return stop_cli(port, opts["stop_name"])
+        return stop_cli(port, opts["stop_name"], timeout)
     if action == "status":
-        return status_cli(port, opts["json"])
+        return status_cli(port, opts["json"], timeout if opts["client_timeout_given"]
+                          else STATUS_ANSWER_TIMEOUT)
     if os.environ.get(HANDOVER_CHECK_ENV) == "1":
         # a re-exec's trial run (try_image): this image imports, takes the
         # command line, and reads this state format; nothing else is done

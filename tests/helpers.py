@@ -1385,3 +1385,97 @@ def race_cycles(port, scenario, cycles, name=b"racer", check_listing=False, dead
     finally:
         sock.close()
     return counts
+
+
+# -- many sockets on the host -------------------------------------------------------
+
+_HOLD_CONNECTIONS = r"""
+import resource, socket, struct, sys
+n, port = int(sys.argv[1]), int(sys.argv[2])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+linger = struct.pack("ii", 1, 0)
+ls = socket.socket()
+ls.bind(("127.0.0.1", port))
+ls.listen(4096)
+socks = []
+for _ in range(n):
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+    socks.append(c)
+    c.connect(ls.getsockname())
+    a, _ = ls.accept()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+    socks.append(a)
+sys.stdout.write("ready\n")
+sys.stdout.flush()
+sys.stdin.read()
+for c in socks:
+    c.close()
+"""
+
+
+class ManyConnections:
+    """*n* established loopback TCP connections on this host (both ends
+    held: 2n descriptors), made by child processes of PER_PROCESS
+    connections each (the descriptor limit's hard maximum cannot be raised
+    in a container), each to a listening socket of its own on a free port.
+    Every socket is closed with SO_LINGER 0, so that no TIME_WAIT entry
+    outlives the test; the children end when their stdin closes and are
+    killed by PID if they do not.  A context manager; *pids* lists them."""
+
+    PER_PROCESS = 8000
+
+    def __init__(self, n, timeout=120.0):
+        self.n = n
+        self.timeout = timeout
+        self.procs = []
+
+    @property
+    def pids(self):
+        return [p.pid for p in self.procs]
+
+    def __enter__(self):
+        try:
+            left = self.n
+            while left > 0:
+                k = min(left, self.PER_PROCESS)
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-c", _HOLD_CONNECTIONS, str(k), str(free_port())],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+                left -= k
+            deadline = time.monotonic() + self.timeout
+            for p in self.procs:
+                line = p.stdout.readline()
+                if line != b"ready\n" or time.monotonic() > deadline:
+                    raise RuntimeError("a connection holder failed: %r" % line)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            try:
+                p.stdin.close()
+            except OSError:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+            p.stdout.close()
+        self.procs = []
+        return False
+
+
+def established_count():
+    """TCP sockets of this network namespace, from /proc/net/sockstat
+    ("TCP: inuse N ...")."""
+    with open("/proc/net/sockstat") as f:
+        for line in f:
+            if line.startswith("TCP:"):
+                return int(line.split()[2])
+    return 0

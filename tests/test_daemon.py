@@ -96,13 +96,30 @@ def test_daemon_detaches_serves_and_is_killed(reaper):
     assert wait_until(lambda: gone(pid), 5)
 
 
-def test_daemon_port_taken_exits_zero(start_ours, reaper):
-    """-daemon on a port another epmd serves: 0, and the first keeps its nodes."""
-    d = start_ours()
+def test_daemon_port_taken_exits_zero(start_epmd, impl, reaper):
+    """-daemon on a port another epmd serves (ours or OTP's): 0, the first
+    keeps its nodes, and D5: one line on stderr names the process that
+    serves the port (its PID and command), where OTP's -daemon says nothing.
+    Started as erl starts it (erlexec's BINDIR, EMU, PROGNAME set), at
+    every start of a distributed node, it stays silent."""
+    d = start_epmd()
     s, _ = register(d.port, "first")
-    rc, _, err = run_epmd(["-daemon", "-port", str(d.port), "-address", "127.0.0.1"])
-    assert rc == 0
+    args = ["-daemon", "-port", str(d.port), "-address", "127.0.0.1"]
+    rc, out, err = run_epmd(args)
+    assert (rc, out) == (0, b"")
+    cmd = OTP_EPMD if impl == "otp" else str(EPMD_PY)
+    assert without_syslog_warning(err).decode().splitlines() == [
+        "epmd: an epmd already serves port %d: pid %d (%s%s -port %d -address 127.0.0.1); "
+        "this one exits without serving" % (d.port, d.pid, "" if impl == "otp" else
+                                            sys.executable + " ", cmd, d.port)], err
     assert wait_until(lambda: find_pids(str(EPMD_PY), "-daemon", str(d.port)) == [], 5)
+    assert registered(d.port) == [b"first"]
+    erl_env = base_env(BINDIR="/usr/lib/erlang/bin", EMU="beam", PROGNAME="erl")
+    rc, out, err = run_epmd(args, env=erl_env)
+    assert (rc, out, without_syslog_warning(err)) == (0, b"", b"")
+    if OTP_EPMD is not None:
+        p = subprocess.run([OTP_EPMD] + args, capture_output=True, timeout=30, env=base_env())
+        assert (p.returncode, p.stdout, p.stderr) == (0, b"", b"")
     assert registered(d.port) == [b"first"]
     s.close()
 

@@ -245,7 +245,7 @@ def test_sdist_and_wheel(tmp_path):
     with zipfile.ZipFile(wheels[0]) as z:
         wnames = set(z.namelist())
         info = "epmd_py-%s.dist-info/" % version
-        assert "epmd.py" in wnames and info + "LICENSE" in wnames
+        assert "epmd.py" in wnames and info + "licenses/LICENSE" in wnames   # PEP 639
         assert z.read("epmd.py") == (ROOT / "epmd.py").read_bytes()
         assert re.search(r"^epmd = epmd:console_main$", z.read(info + "entry_points.txt").decode(), re.M)
         meta = z.read(info + "METADATA").decode()
@@ -256,3 +256,46 @@ def test_sdist_and_wheel(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert t.returncode == 0, t.stdout + t.stderr
     assert t.stdout.count("PASSED") == 2, t.stdout
+
+    # issue 23: no deprecation warning from setuptools (>= 77: an SPDX licence
+    # string, no licence classifier), and README names the artefacts right
+    out = p.stdout + p.stderr
+    assert not re.search(r"deprecat|SetuptoolsWarning|By \d{4}-\w+-\d+", out, re.I), \
+        [line for line in out.splitlines() if re.search("deprecat|warn", line, re.I)]
+    assert re.search(r"^License-Expression: Apache-2\.0$", meta, re.M), meta[:2000]
+    assert "License :: " not in meta
+    readme = (ROOT / "README.md").read_text()
+    shown = re.search(r"python3 -m build +# (.*)$", readme, re.M).group(1)
+    assert shown == "dist/epmd_py-X.Y.Z.tar.gz and dist/epmd_py-X.Y.Z-py3-none-any.whl"
+    assert sdists[0].name == "epmd_py-%s.tar.gz" % version
+    assert wheels[0].name == "epmd_py-%s-py3-none-any.whl" % version
+
+
+def test_pip_install_leaves_no_build_dir(tmp_path):
+    """`pip install .` in a copy of the tree leaves no build/ there (it
+    would shadow the `build` tool for `python3 -m build` run in the tree):
+    setuptools builds in .build/, which .gitignore and `make clean` cover,
+    as they cover the egg-info."""
+    try:
+        import setuptools  # noqa: F401
+    except ImportError:
+        need("Python's setuptools (tests/requirements.txt)", "python3-setuptools")
+    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard"],
+                           capture_output=True, text=True, check=True, timeout=30).stdout.split()
+    src = tmp_path / "src"
+    for f in files:
+        if (ROOT / f).is_file():
+            (src / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, src / f)
+    p = subprocess.run([sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps",
+                        "--no-index", "--target", str(tmp_path / "target"), "."],
+                       capture_output=True, text=True, timeout=240, cwd=src)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert (tmp_path / "target" / "epmd.py").is_file()
+    left = sorted(set(os.listdir(src)) - {f.split("/")[0] for f in files})
+    assert "build" not in left, left
+    ignored = (ROOT / ".gitignore").read_text().split()
+    clean = re.search(r"^clean:\n\trm -rf (.*)$", (ROOT / "Makefile").read_text(), re.M).group(1).split()
+    for name in left:
+        pattern = "*.egg-info" if name.endswith(".egg-info") else name
+        assert pattern + "/" in ignored and pattern in clean, (name, ignored, clean)

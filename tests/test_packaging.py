@@ -57,9 +57,9 @@ def test_every_flag_documented_and_accepted():
 def test_man_page_mentions_every_variable_and_difference():
     text = MAN_RST.read_text()
     for var in ("ERL_EPMD_PORT", "ERL_EPMD_ADDRESS", "ERL_EPMD_RELAXED_COMMAND_CHECK",
-                "LISTEN_FDS", "LISTEN_PID", "NOTIFY_SOCKET"):
+                "LISTEN_FDS", "LISTEN_PID", "NOTIFY_SOCKET", "EPMD_PY_CLIENT_TIMEOUT"):
         assert var in text
-    for i in range(1, 29):
+    for i in range(1, 30):
         assert re.search(r"^D%d$" % i, text, re.M), "D%d" % i
     for section in ("SYNOPSIS", "DESCRIPTION", "ENVIRONMENT", "EXIT STATUS", "FILES", "SEE ALSO",
                     "SYSTEMD", "ACCESS AND SECURITY", "DEBUG OUTPUT", "RESTARTING AND UPGRADING"):

@@ -40,10 +40,12 @@ import epmd
 pytestmark = pytest.mark.timeout(120)
 
 
-def status(port, *extra, preexec=None, python=sys.executable):
-    """Run ``epmd.py -port P -status [extra]``; return (rc, stdout text, stderr text)."""
-    p = subprocess.run([python, str(EPMD_PY), "-port", str(port), "-status"] + list(extra),
-                       capture_output=True, timeout=60, env=base_env(), preexec_fn=preexec)
+def status(port, *extra, preexec=None, python=sys.executable, env=None, wrap=()):
+    """Run ``epmd.py -port P -status [extra]`` (after the command *wrap*, if
+    any); return (rc, stdout text, stderr text)."""
+    p = subprocess.run(list(wrap) + [python, str(EPMD_PY), "-port", str(port), "-status"]
+                       + list(extra), capture_output=True, timeout=60,
+                       env=env if env is not None else base_env(), preexec_fn=preexec)
     return p.returncode, p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace")
 
 
@@ -157,17 +159,176 @@ def test_status_real_nodes(start_ours, erl_nodes):
 
 def test_status_no_daemon():
     """-status with nothing on the port: one clear line, exit 1 (as
-    -started); -json says running false with the reason."""
+    -started); -json says state "not listening", running false, the reason."""
     port = free_port()
     rc, out, err = status(port)
     assert (rc, err) == (1, "")
-    assert out == "epmd: not running on port %d: nothing accepts connections on ::1 or " \
-                  "127.0.0.1\n" % port
+    assert out == "epmd: not running on port %d: nothing listens there (::1 and 127.0.0.1 " \
+                  "refuse connections)\n" % port
     rc, out, _ = status(port, "-json")
     assert rc == 1
-    assert json.loads(out) == {"port": port, "running": False, "listeners": [], "names": [],
-                               "error": "nothing accepts connections on ::1 or 127.0.0.1",
-                               "pids_hidden": False}
+    assert json.loads(out) == {
+        "port": port, "state": "not listening", "running": False, "listeners": [],
+        "listeners_source": "sock_diag", "names": [], "pids_hidden": False,
+        "pids_hidden_why": None,
+        "error": "nothing listens there (::1 and 127.0.0.1 refuse connections)"}
+
+
+def test_status_stopped_daemon(start_epmd, impl):
+    """A daemon stopped with SIGSTOP (ours or OTP's): the kernel still
+    accepts on its port, nobody answers.  -status says so, with who listens
+    (its address and PID) and how many connections wait, within the
+    time-out (EPMD_PY_CLIENT_TIMEOUT=1 here, 2 s by default), exit 3; -json
+    says state "not answering" with the same listeners."""
+    import time
+    d = start_epmd()
+    os.kill(d.pid, signal.SIGSTOP)
+    try:
+        waiting = socket.create_connection(("127.0.0.1", d.port), timeout=5)
+        env = base_env(EPMD_PY_CLIENT_TIMEOUT="1")
+        t0 = time.monotonic()
+        rc, out, err = status(d.port, env=env)
+        took = time.monotonic() - t0
+        assert (rc, err) == (3, "") and took < 4, (rc, err, took)
+        lines = out.splitlines()
+        assert lines[0] == "epmd: not answering on port %d: something listens on port %d but " \
+                           "did not answer NAMES_REQ within 1 s; 1 connection waits to be " \
+                           "accepted" % (d.port, d.port), out
+        assert "nothing accepts" not in out and not re.search("^NAME ", out, re.M)
+        assert re.search(r"^127\.0\.0\.1:%d +%d +\S" % (d.port, d.pid), out, re.M), out
+        rc, jout, _ = status(d.port, "-json", env=env)
+        js = json.loads(jout)
+        assert rc == 3 and js["state"] == "not answering" and js["running"] is False
+        assert js["error"].startswith("something listens on port %d but did not answer" % d.port)
+        v4 = [ls for ls in js["listeners"] if ls["address"] == "127.0.0.1"]
+        assert len(v4) == 1 and v4[0]["pids"] == [d.pid] and v4[0]["queued"] >= 1, js
+        assert js["listeners_source"] == "sock_diag"
+        waiting.close()
+    finally:
+        os.kill(d.pid, signal.SIGCONT)
+    rc, out, _ = status(d.port)
+    assert rc == 0 and out.startswith("epmd: up and running on port %d\n" % d.port)
+
+
+@pytest.mark.parametrize("answer", [None, b"HTTP/1.0 400 Bad Request\r\n\r\n", b""])
+def test_status_other_program_on_the_port(answer):
+    """A program that is not an epmd on the port (this test process):
+    silent, answering something else, or closing at once.  -status names it
+    (the test's PID and command) and says it does not answer as an epmd,
+    exit 3."""
+    import threading
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(8)
+    port = ls.getsockname()[1]
+    stop = []
+
+    def serve():
+        while not stop:
+            try:
+                c, _ = ls.accept()
+            except OSError:
+                return
+            with c:
+                c.recv(100)
+                c.sendall(answer)
+    if answer is not None:
+        threading.Thread(target=serve, daemon=True).start()
+    try:
+        rc, out, err = status(port, env=base_env(EPMD_PY_CLIENT_TIMEOUT="1"))
+        assert (rc, err) == (3, ""), (rc, out, err)
+        first = out.splitlines()[0]
+        assert first.startswith("epmd: not answering on port %d: something listens on port %d "
+                                "but " % (port, port)), first
+        if answer is None:
+            assert "did not answer NAMES_REQ within 1 s" in first
+        elif answer:
+            assert "its answer to NAMES_REQ (%d bytes) is not an epmd's" % len(answer) in first
+        else:
+            assert "closed the connection without an answer" in first
+        assert re.search(r"^127\.0\.0\.1:%d +%d +\S*python" % (port, os.getpid()), out, re.M), out
+    finally:
+        stop.append(True)
+        ls.close()
+
+
+def test_status_escapes_control_characters(start_epmd, impl):
+    """Issue 20: a name with control characters (ESC, BEL, TAB, DEL, the C1
+    CSI) registered with either daemon is shown escaped by
+    -status, as -json escapes it, never raw on the terminal."""
+    raw = b"evil\x1b[2J\x07\tx\x7f\xc2\x9b"
+    d = start_epmd()
+    s, reply = register(d.port, raw, port=40556)
+    assert reply[:2] in (b"v\x00", b"y\x00"), reply
+    try:
+        rc, out, _ = status(d.port)
+        assert rc == 0
+        for c in "\x1b\x07\t\x7f\x9b":
+            assert c not in out, (c, out)
+        assert "evil\\u001b[2J\\u0007\\tx\\u007f\\u009b" in out.splitlines()[-1], out
+        rc, jout, _ = status(d.port, "-json")
+        assert '"name": "evil\\u001b[2J\\u0007\\tx\\u007f\\u009b"' in jout, jout
+    finally:
+        s.close()
+
+
+def need_unshare():
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) for a mount namespace")
+
+
+NO_NETLINK = ("import runpy, socket, sys; del socket.AF_NETLINK; sys.argv = sys.argv[1:]; "
+              "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def test_status_without_proc(start_epmd, impl):
+    """Item 8: -status in a mount namespace whose /proc is an empty tmpfs
+    (as hardened containers hide it): the listeners still come from
+    sock_diag, their PIDs are "?" and the last line says why as it is (no
+    readable /proc), never "not in /proc/net/tcp"; -json has pids_hidden
+    true with that reason.  With netlink gone too (a Python without
+    AF_NETLINK), the listening sockets are unknown, and it says so."""
+    need_unshare()
+    d = start_epmd()
+    wrap = ["unshare", "-m", "sh", "-c", 'mount -t tmpfs none /proc && exec "$@"', "sh"]
+    rc, out, err = status(d.port, wrap=wrap)
+    assert (rc, err) == (0, ""), err
+    assert re.search(r"^127\.0\.0\.1:%d +\? +\?$" % d.port, out, re.M), out
+    assert out.splitlines()[-1] == "(process ids unknown: /proc/<pid>/fd cannot be read here " \
+                                   "(No such file or directory): /proc is hidden or not mounted)"
+    assert "network namespace" not in out
+    rc, jout, _ = status(d.port, "-json", wrap=wrap)
+    js = json.loads(jout)
+    assert js["pids_hidden"] is True and "/proc" in js["pids_hidden_why"]
+    assert js["listeners_source"] == "sock_diag" and js["listeners"]
+    p = subprocess.run(wrap + [sys.executable, "-c", NO_NETLINK, str(EPMD_PY), "-port",
+                               str(d.port), "-status"], capture_output=True, text=True,
+                       timeout=60, env=base_env())
+    assert p.returncode == 0, p.stderr
+    assert "listening sockets: ? (neither sock_diag nor /proc/net/tcp can be read here)" \
+        in p.stdout.splitlines(), p.stdout
+
+
+def test_status_proc_net_tcp_fallback(start_epmd, impl):
+    """Where netlink is not allowed (here: a Python without AF_NETLINK),
+    -status reads /proc/net/tcp{,6} instead and finds the same listeners
+    (without their queue lengths, which those files do not give)."""
+    d = start_epmd()
+    rc, out, _ = status(d.port, "-json")
+    by_diag = json.loads(out)
+    p = subprocess.run([sys.executable, "-c", NO_NETLINK, str(EPMD_PY), "-port", str(d.port),
+                        "-status", "-json"], capture_output=True, text=True, timeout=60,
+                       env=base_env())
+    by_proc = json.loads(p.stdout)
+    assert rc == p.returncode == 0
+    assert by_diag["listeners_source"] == "sock_diag"
+    assert by_proc["listeners_source"] == "/proc/net/tcp"
+
+    def key(js):
+        return sorted((ls["address"], ls["port"], tuple(ls["pids"])) for ls in js["listeners"])
+    assert key(by_diag) == key(by_proc) and by_diag["listeners"]
+    assert all(ls["queued"] is None for ls in by_proc["listeners"])
+    assert all(ls["queued"] == 0 for ls in by_diag["listeners"])
 
 
 def test_status_against_otp_daemon(start_epmd, impl):
@@ -216,6 +377,7 @@ def test_status_unprivileged_client(start_ours):
                             "run as root to see every PID)\n"), out
         rc, out, _ = status(d.port, "-json", preexec=nobody, python=python)
         assert rc == 0 and json.loads(out)["pids_hidden"] is True
+        assert "run as root" in json.loads(out)["pids_hidden_why"]
     finally:
         s.close()
         listener.close()
@@ -458,3 +620,73 @@ def epmd_names_raw(port):
     with connect(port) as c:
         c.sendall(frame(b"n"))
         return read_to_eof(c)
+
+
+# -- many sockets on the host (issue 23, item 2) ------------------------------------
+
+def _best_of(fn, reps=5):
+    import time
+    best = None
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        took = time.perf_counter() - t0
+        best = took if best is None else min(best, took)
+    return best
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_many_connections_do_not_slow_lookups(start_epmd, impl):
+    """With 50,000 established loopback connections on the host (100,000
+    sockets), finding the daemon's listening sockets costs what it costs on
+    an idle host: sock_diag asks the kernel for listening sockets on the
+    port only (the /proc/net/tcp fallback reads all 100,000 lines, and is
+    measured beside it to show the difference).  -status still names the
+    daemon's PID (ours or OTP's), and a refused duplicate is answered and
+    followed by its D25 line (epmd.py) promptly.  Figures:
+    tests/many_sockets.py."""
+    from helpers import ManyConnections, established_count
+    d = start_epmd()
+    s, _ = register(d.port, "many", port=40557)
+    try:
+        idle = _best_of(lambda: epmd.find_listeners((d.port,)))
+        idle_proc = _best_of(lambda: list(epmd.iter_proc_tcp_sockets()))
+        with ManyConnections(50000):
+            assert established_count() >= 100000
+            busy_listeners, source = epmd.find_listeners((d.port,))
+            assert source == "sock_diag"
+            assert {ls.address for ls in busy_listeners} >= {"127.0.0.1"}
+            busy = _best_of(lambda: epmd.find_listeners((d.port,)))
+            busy_proc = _best_of(lambda: list(epmd.iter_proc_tcp_sockets()), 2)
+            print("find_listeners: idle %.2f ms, 50,000 connections %.2f ms; /proc/net/tcp "
+                  "read whole: idle %.1f ms, busy %.1f ms" % (idle * 1e3, busy * 1e3,
+                                                              idle_proc * 1e3, busy_proc * 1e3))
+            assert busy < 3 * idle + 0.005, (idle, busy)
+            assert busy_proc > 10 * busy       # what the fallback would have cost
+            rc, out, err = status(d.port)
+            assert rc == 0 and re.search(r"^127\.0\.0\.1:%d +%d " % (d.port, d.pid), out, re.M), out
+            t = _best_of(lambda: request_refused(d.port), 1)
+            assert t < 0.5, t
+            if impl == "py":
+                assert wait_until(lambda: 'refused ALIVE2_REQ' in d.stderr()
+                                  and 'name "many" is held by' in d.stderr(), 5), d.stderr()
+    finally:
+        s.close()
+
+
+def request_refused(port):
+    """A duplicate ALIVE2_REQ for "many": its reply (OTP's epmd keeps the
+    connection open after it, D9, so the reply is read, not the EOF)."""
+    c = connect(port)
+    try:
+        c.sendall(frame(alive2("many", port=40558)))
+        c.settimeout(10)
+        reply = b""
+        while len(reply) < 2:
+            data = c.recv(16)
+            assert data, reply
+            reply += data
+        assert reply[:2] == b"v\x01"
+    finally:
+        c.close()
