@@ -12,7 +12,7 @@ import sys
 import threading
 
 import pytest
-from helpers import DAEMON_PYTHON, OTP_EPMD, OURS, ROOT, base_env, free_port, register, registered
+from helpers import DAEMON_PYTHON, EPMD_PY, OTP_EPMD, OURS, ROOT, base_env, free_port, register, registered
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -284,10 +284,12 @@ BEFORE_CHECK = "eb55c79"            # the last release without the hand-over che
 
 BAD_IMAGES = {
     # what the new file is -> what the refusal says
-    "import_error": (lambda good: good.replace(b"\nimport collections\n",
-                                               b"\nimport collections\nraise ImportError('half-installed')\n"),
+    "import_error": (lambda good: good.replace(
+                         b"\nimport collections\n",
+                         b"\nimport collections\nraise ImportError('half-installed')\n", 1),
                      "failed the hand-over check (exit status 1: ImportError: half-installed"),
-    "format_bump": (lambda good: good.replace(b"HANDOVER_VERSION = 1\n", b"HANDOVER_VERSION = 99\n"),
+    "format_bump": (lambda good: good.replace(b"HANDOVER_VERSION = 1\n",
+                                              b"HANDOVER_VERSION = 99\n"),
                     "the new image reads state format 99, this one writes 1"),
     "memory_error": (lambda good: b"x = " + b"-" * 100000 + b"1\n",
                      "does not compile: "),
