@@ -239,6 +239,13 @@ def registered_or_empty(port):
         return []
 
 
+def without_served_line(err):
+    """*err* less the line -daemon prints when an epmd already serves its
+    port (D5; not when erl runs it), and less the D15 syslog warning."""
+    lines = without_syslog_warning(err).splitlines(keepends=True)
+    return b"".join(line for line in lines if not line.startswith(b"epmd: an epmd already serves port "))
+
+
 def without_syslog_warning(err):
     """*err* less the D15 warning that -daemon prints when /dev/log is missing."""
     lines = err.splitlines(keepends=True)
