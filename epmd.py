@@ -43,9 +43,9 @@ top down, from run() to the helpers.  Functions with a counterpart in OTP's
 C sources carry its name (epmd_srv.c unless said):
 
     constants and wire codes   ports, limits, request codes, struct formats
-    debug output               DebugLog (dbg_printf, dbg_tty_printf,
-                               dbg_perror of epmd.c; dbg_print_buf),
-                               print_buf_hex
+    debug output               open_syslog, DebugLog (dbg_printf,
+                               dbg_tty_printf, dbg_perror of epmd.c;
+                               dbg_print_buf), print_buf_hex
     packets                    verify_utf8, parse_alive2_req (the ALIVE2
                                checks of do_request), parse_port2_req,
                                pack_alive2_resp, pack_port2_resp
@@ -61,21 +61,25 @@ C sources carry its name (epmd_srv.c unless said):
                                filtered socket list), iter_proc_tcp_sockets
                                (the /proc/net/tcp{,6} reader, its fallback),
                                find_listeners, check_port_holders (who
-                               holds a port in use), systemd_listen_sockets,
-                               systemd_port, sd_notify
+                               holds a port in use), is_stored_name,
+                               systemd_listen_sockets, systemd_port,
+                               sd_notify
     hand-over                  re-exec on SIGUSR2 (D16): pack_state,
-                               unpack_state, take_handover; FdStore (systemd's
-                               fd store); the Handover mixin of Epmd
+                               unpack_state, apply_records, take_handover;
+                               open_image, check_image, try_image (what a
+                               re-exec checks first); FdStore (systemd's fd
+                               store); the Handover mixin of Epmd
                                (handover_state, reexec, restore_handover,
                                fdstore_sync)
+    diagnostics                sock_diag_find, socket_pids, HolderScan,
+                               Diagnostics (the refusal lines, D25/D26)
     server                     in_order (the order of one wake-up's events),
                                Epmd: run, handle, check_timeouts, do_accept,
-                               read_at_accept, conn_open, set_state, epmd_conn_close, do_read,
-                               do_request and one do_*_req method per
-                               request, reply, do_write, epmd_cleanup_exit
-                               (epmd.c); its class docstring indexes them
-    diagnostics                sock_diag_find, socket_pids,
-                               Diagnostics (the refusal lines, D25/D26)
+                               read_at_accept, conn_open, set_state,
+                               epmd_conn_close, do_read, do_request and one
+                               do_*_req method per request, reply, do_write,
+                               epmd_cleanup_exit (epmd.c); its class
+                               docstring indexes them
     client commands            conn_to_epmd, read_fill, epmd_call (-names,
                                -dump, -started), kill_epmd (-kill), stop_cli
                                (-stop), all of epmd_cli.c, each within a
@@ -106,7 +110,9 @@ Debug levels (-d given N times), as OTP's epmd:
     3  the clock on every read of it, and the node table after every change
 
 In the foreground every line goes to stderr as ``epmd: <ctime>: <msg>\\r\\n``;
-with -daemon, level-gated messages go to syslog and the hexdumps are dropped.
+with -daemon, the dbg_printf and dbg_perror lines go to syslog, while the
+dbg_tty_printf lines (most level-1 and level-2 traces) and the hexdumps are
+dropped, as in OTP's daemon.
 
 Performance notes.  Most of a request's cost is its system calls, so the
 request path makes as few as it can:
@@ -118,8 +124,9 @@ request path makes as few as it can:
   - accepted sockets stay blocking and every recv/send passes MSG_DONTWAIT,
     which spares the fcntl() of non-blocking mode; do_accept makes the
     plain C socket type, whose methods need no Python frames;
-  - the last reply on a connection is sent with MSG_MORE, so the FIN of the
-    close that follows rides in the same segment;
+  - the last reply on a connection whose request came in one read is sent
+    with MSG_MORE, so the FIN of the close that follows rides in the same
+    segment (with unread input the close would be an RST);
   - the NAMES body is joined once per change of the node table, and each
     node's PORT2_RESP is packed on its first lookup;
   - log arguments are formatted only when the level prints them, and the
@@ -320,6 +327,20 @@ def print_buf_hex(buf, prefix="***** "):
         ascii_ = "".join(chr(c) if 32 <= c <= 126 else "." for c in row)
         rows.append("%s%08x%s  |%s|\r\n" % (prefix, start, "".join(cells), ascii_))
     return "".join(rows)
+
+
+SYSLOG_IDENT = "epmd"
+
+
+def open_syslog():
+    """Open syslog for the daemon's log and return the syslog module: tag
+    ``epmd``, no PID, facility user, as OTP's daemon logs (it never calls
+    openlog(), so glibc tags its lines with the program name, ``epmd``).
+    Without this, Python tags lines with the script's name, ``epmd.py``.
+    """
+    import syslog
+    syslog.openlog(SYSLOG_IDENT, 0, syslog.LOG_USER)
+    return syslog
 
 
 class DebugLog:
@@ -1448,6 +1469,17 @@ def check_port_holders(family, addr, port, ours=()):
     raise AlreadyRunning("there is already a epmd running at port %d on ipaddr %s" % (port, addr))
 
 
+FDSTORE_STATE = "epmd-state"        # FDNAME of the state memfd
+FDSTORE_NODE = "epmd-node-%d"       # FDNAME of a node's connection
+
+
+def is_stored_name(name):
+    """True for the FDNAMEs this daemon gives its fd store entries (so a
+    socket unit's listener, named after its unit, is never taken for one)."""
+    head, _, num = name.rpartition("-")
+    return name == FDSTORE_STATE or (head == "epmd-node" and num.isdigit())
+
+
 def systemd_listen_sockets(environ, stored=None):
     """Return the listening sockets systemd passed (socket activation).
 
@@ -1907,8 +1939,7 @@ def interpreter_args():
     sys.flags, sys.warnoptions and sys._xoptions."""
     orig = getattr(sys, "orig_argv", None)
     if orig and sys.argv:
-        main = sys.modules.get("__main__")
-        spec = getattr(main, "__spec__", None)
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
         for i, arg in enumerate(orig[1:], 1):
             if (spec is not None and arg.startswith("-m")) or arg == sys.argv[0]:
                 return list(orig[1:i])
@@ -2011,16 +2042,7 @@ def take_handover(environ, log):
 # Descriptor Store".
 
 FDSTORE_ENV = "FDSTORE"             # set by systemd to FileDescriptorStoreMax=
-FDSTORE_STATE = "epmd-state"        # FDNAME of the state memfd
-FDSTORE_NODE = "epmd-node-%d"       # FDNAME of a node's connection
 FDSTORE_COMPACT_MIN = 64 * 1024     # bytes of change records before the state is rewritten
-
-
-def is_stored_name(name):
-    """True for the FDNAMEs this daemon gives its fd store entries (so a
-    socket unit's listener, named after its unit, is never taken for one)."""
-    head, _, num = name.rpartition("-")
-    return name == FDSTORE_STATE or (head == "epmd-node" and num.isdigit())
 
 
 class FdStore:
@@ -2431,43 +2453,31 @@ class Handover:
         for name, fd in handover.get("unused", {}).items():
             if fd not in restored and self.fdstore is not None:
                 self.fdstore.remove(name)
-        for conn in restored.values():
-            self.watch(conn)
 
     def restore_handover(self, state):
         """Rebuild the node table and the connections from *state* (made by
-        handover_state); return {fd: Connection}.  Raises HandoverError,
-        leaving the table empty, when the state is malformed."""
+        handover_state); return {fd: Connection}.  Each connection enters
+        its state through set_state, keeping the time-out clocks it had
+        (restore=True).  Raises HandoverError, leaving the table empty,
+        when the state is malformed."""
         log = self.log
         nodes = self.nodes
-        conns = {}
+        conns, states = self.conns_from_state(state)
         try:
-            for rec in state["conns"]:
-                fd = rec["fd"]
-                conn = Connection(None, fd, bool(rec["local_peer"]), int(rec["mod_time"]))
-                conn.start_time = int(rec["start_time"])
-                conn.want = int(rec["want"])
-                conn.buf = _unb64(rec["buf"])
-                conn.out = _unb64(rec["out"])
-                conn.one_read = bool(rec["one_read"])
-                conn.state = {READING: READING, REPLYING: REPLYING, KEPT: KEPT}[rec["state"]]
-                conns[fd] = conn
-                if self.fdstore is not None and rec.get("fdname"):
-                    self.fdstore.names[fd] = (conn, rec["fdname"])
             reg = [node_from_record(r) for r in state["nodes"]]
             unreg = [node_from_record(r) for r in state["unreg"]]
         except (KeyError, TypeError, ValueError) as e:
             raise HandoverError("bad state: %r" % e) from None
         for node in reg:
             conn = conns.get(node.fd)
-            if conn is None or conn.state is not KEPT or node.name in nodes.reg:
+            if conn is None or states[node.fd] is not KEPT or node.name in nodes.reg:
                 log.dbg_printf(0, "hand-over: no connection for node %s, dropped", node.name)
                 continue
             nodes.node_restore(node, conn)
         for node in unreg:
             nodes.node_restore(node, None)
         for fd, conn in list(conns.items()):
-            if conn.state is KEPT and conn.node is None:
+            if states[fd] is KEPT and conn.node is None:
                 del conns[fd]       # its node was dropped: closed by the caller
                 continue
             try:
@@ -2480,13 +2490,33 @@ class Handover:
                 if conn.node is not None:
                     nodes.node_unreg_sock(conn)
                 continue
-            self.conns[fd] = conn
-            if conn.state is not KEPT:
-                self.pending[fd] = conn
+            self.set_state(conn, states[fd], restore=True)
         log.dbg_printf(0, "hand-over: %d nodes, %d old names, %d connections restored",
                        len(nodes.reg), len(nodes.unreg), len(conns))
         nodes.print_names()
         return conns
+
+    def conns_from_state(self, state):
+        """The connections of *state*, not yet in any table: ({fd:
+        Connection}, {fd: the state it had}), with their buffers and time-out
+        clocks.  Raises HandoverError when a record is malformed."""
+        conns, states = {}, {}
+        try:
+            for rec in state["conns"]:
+                fd = rec["fd"]
+                conn = Connection(None, fd, bool(rec["local_peer"]), int(rec["mod_time"]))
+                conn.start_time = int(rec["start_time"])
+                conn.want = int(rec["want"])
+                conn.buf = _unb64(rec["buf"])
+                conn.out = _unb64(rec["out"])
+                conn.one_read = bool(rec["one_read"])
+                states[fd] = {READING: READING, REPLYING: REPLYING, KEPT: KEPT}[rec["state"]]
+                conns[fd] = conn
+                if self.fdstore is not None and rec.get("fdname"):
+                    self.fdstore.names[fd] = (conn, rec["fdname"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise HandoverError("bad state: %r" % e) from None
+        return conns, states
 
 
 class _Wakeup:
@@ -2498,874 +2528,6 @@ class _Wakeup:
 
 
 WAKEUP = _Wakeup()
-
-
-# ---------------------------------------------------------------------------
-# Server: the event loop and the requests (OTP epmd_srv.c)
-# ---------------------------------------------------------------------------
-
-
-class EpmdExit(BaseException):
-    """Raised inside the loop to end the daemon with exit status ``code``.
-
-    A BaseException, so that the per-connection ``except Exception`` of
-    handle() lets it through to run()."""
-
-    def __init__(self, code):
-        BaseException.__init__(self, code)
-        self.code = code
-
-
-def in_order(events):
-    """Return the (key, mask) pairs of one select() result in the order the
-    loop handles them: first the connections of registered nodes (KEPT),
-    then the other connections and the SIGUSR2 wake-up, last the listening
-    sockets; within each group, as the selector gave them.
-
-    A node ends its registration by closing its connection (EOF, reset, an
-    error, or any byte), so its end must be seen before any request that
-    came after it: otherwise a PORT_PLEASE2_REQ sent right after the close
-    is answered with the dead node's port, and an ALIVE2_REQ for the same
-    name is refused (D28).  A connection accepted in this wake-up is
-    read in it (read_at_accept, first_read), so the accepts come last.
-    OTP's run() gets the same order differently: it accepts in one round
-    and reads the new connection only in the next.
-    """
-    kept, other, listening = [], [], []
-    for event in events:
-        conn = event[0].data
-        if conn is None:
-            listening.append(event)
-        elif conn is not WAKEUP and conn.state is KEPT:
-            kept.append(event)
-        else:
-            other.append(event)
-    return kept + other + listening
-
-
-class Epmd(Handover):
-    """The daemon: options, the node table, the connections and the loop.
-
-    Options (seconds for times): *port* as configured (reported in NAMES
-    and DUMP), *addresses* (the -address list or None), *relaxed*
-    (-relaxed_command_check), *packet_timeout*, *delay_accept*,
-    *delay_write*, *systemd*, and *log*, a DebugLog that carries the debug
-    level and whether we are a daemon.  Mirrors OTP's EpmdVars.
-
-    Methods by role (C counterparts in epmd_srv.c unless said):
-
-    - start-up: bind (the part of run before the loop), conn_limit
-    - the loop: run, handle (one connection's events), first_read (a new
-      connection's), internal_error
-      (what handle does when handling fails), check_timeouts
-      (the end of run's loop), clock, epmd_cleanup_exit (epmd.c)
-    - accepting: do_accept, read_at_accept (a new connection's first read
-      at level 0), conn_open, shed_connection, pause_accept and
-      resume_accept (D2), open_spare
-    - connection state: set_state (the one place a state changes), watch,
-      epmd_conn_close, drop (node_unreg_sock + epmd_conn_close)
-    - requests: do_read, do_request and one handler per request code
-      (do_alive2_req, do_port2_req, do_names_req, do_dump_req, do_kill_req,
-      do_stop_req, in do_request's switch in C), refuse_remote,
-      send_listing, reclaim (D28: the part of node_reg2 in OTP's fix of
-      erlang/otp#11083)
-    - writing: reply, do_write, flush
-    """
-
-    def __init__(self, port=EPMD_PORT_NO, addresses=None, relaxed=False,
-                 packet_timeout=CLOSE_TIMEOUT, delay_accept=0, delay_write=0,
-                 systemd=False, log=None):
-        self.port = port
-        self.addresses = addresses
-        self.relaxed = relaxed
-        self.packet_timeout = packet_timeout
-        self.delay_accept = delay_accept
-        self.delay_write = delay_write
-        self.systemd = systemd
-        self.log = log = log if log is not None else DebugLog()
-        max_unreg = DEBUG_MAX_UNREG_COUNT if log.level else MAX_UNREG_COUNT
-        self.nodes = NodeTable(log, max_unreg)
-        # Nothing of an accepted connection is logged or delayed: do_accept
-        # may answer it before it becomes a Connection (read_at_accept).
-        self.quiet = not log.level and not delay_write
-        self.conns = {}             # fd -> Connection, every open one
-        self.pending = {}           # fd -> Connection READING or REPLYING (timed)
-        self.listeners = []
-        self.families = {}          # listening fd -> its address family
-        self.sel = None
-        self.max_conn = 0
-        self.local_reserve = 0
-        self.spare_fd = -1          # D2: kept open to shed connections on EMFILE
-        self.paused_until = 0.0     # D2: listeners rest until this monotonic time
-        self.last_tick = 0
-        self.script = None          # hand-over: the program file a re-exec runs
-        self.module_name = None     # hand-over: or the module, when started with python -m
-        self.argv = []              # hand-over: the command line it gets again
-        self.reexec_wanted = False  # hand-over: set by SIGUSR2, acted on by the loop
-        self.wakeup = None          # hand-over: the signal wake-up socket pair
-        self.handover = None        # hand-over: what the previous image passed
-        self.fdstore = None         # hand-over: systemd's fd store (FdStore), if used
-        self.diag = Diagnostics(self.log)   # D25, D26: refusals say who and why
-
-    # -- start-up ---------------------------------------------------------
-
-    def bind(self):
-        """Open the listening sockets (or take systemd's) and size the
-        connection table.  Raises StartupError or AlreadyRunning."""
-        log = self.log
-        if self.handover is not None:
-            self.adopt_listeners()
-            return
-        if self.systemd:
-            log.dbg_printf(2, "try to obtain sockets from systemd")
-            stored = {}
-            self.listeners = systemd_listen_sockets(os.environ, stored)
-            self.port = systemd_port(self.listeners, self.port)
-            self.fdstore = FdStore.open(os.environ, stored, log)
-        else:
-            log.dbg_printf(2, "try to initiate listening port %d", self.port)
-            addrs = parse_addresses(self.addresses)
-            self.listeners = open_listen_sockets(addrs, self.port, log)
-        self.max_conn = self.conn_limit()
-        self.local_reserve = min(LOCAL_RESERVE, self.max_conn // 2)
-
-    def conn_limit(self):
-        """D3: size the connection table from RLIMIT_NOFILE, not FD_SETSIZE.
-
-        The soft limit is raised to the hard limit when possible; the table
-        gets that many descriptors minus FD_RESERVE and the listeners.
-        """
-        try:
-            import resource
-            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-            if hard == resource.RLIM_INFINITY or hard > soft:
-                target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-                try:
-                    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-                    soft = target
-                except (OSError, ValueError):
-                    pass
-        except ImportError:
-            soft = 1024
-        return max(1, soft - FD_RESERVE - len(self.listeners))
-
-    # -- the loop -----------------------------------------------------------
-    #
-    # run() waits on the selector for at most IDLE_TIMEOUT seconds (1 second
-    # when packet_timeout < IDLE_TIMEOUT), then sleeps -delay_accept if set,
-    # and goes through the ready sockets in_order: the registered nodes'
-    # connections first (their close, D28), then the other connections and
-    # the SIGUSR2 wake-up, the listening sockets last, each group in the
-    # order the selector gives:
-    #   - a listening socket gets one accept (do_accept); the new connection
-    #     is opened by conn_open and, since its request has usually arrived
-    #     already, read at once (first_read), so most connections are answered
-    #     and closed without ever being registered with the selector;
-    #   - a connection gets handle(): do_write when its reply waits and the
-    #     socket is writable, do_read when readable; do_read frames the
-    #     packet and calls do_request once it is complete.
-    # After the ready sockets: listeners paused by EMFILE are resumed when
-    # their pause is over (D2), and check_timeouts closes, at most once a
-    # second, the timed connections (READING, REPLYING) that brought no
-    # bytes (or took none of their reply) for packet_timeout seconds, or,
-    # D13, whose request is not complete REQUEST_TIME_CAP packet time-outs
-    # after the accept.  Any exception raised while handling one connection
-    # is logged with its traceback and only that connection is closed; the
-    # loop never dies of a peer.
-
-    def run(self):
-        """Serve until KILL_REQ or a signal; return the exit status.
-
-        Source: OTP epmd_srv.c, run (the select loop).
-        """
-        log = self.log
-        self.sel = sel = selectors.DefaultSelector()
-        for ls in self.listeners:
-            sel.register(ls, EVENT_READ, None)
-            self.families[ls.fileno()] = int(ls.family)
-        self.open_spare()
-        self.handover_resume()
-        if self.fdstore is not None:
-            self.nodes.changes = []     # the store follows the table from now on
-            self.fdstore.stale = True   # first, the whole state of this image
-        if self.systemd:
-            sd_notify(SD_READY % os.getpid())
-        log.dbg_tty_printf(2, "entering the main select() loop")
-        tick = SHORT_IDLE_TIMEOUT if self.packet_timeout < IDLE_TIMEOUT else IDLE_TIMEOUT
-        try:
-            while True:
-                timeout = tick
-                if self.paused_until:
-                    timeout = max(0.0, min(tick, self.paused_until - time.monotonic()))
-                events = sel.select(timeout)
-                if self.delay_accept:
-                    time.sleep(self.delay_accept)
-                if len(events) > 1:     # most wake-ups bring one event
-                    events = in_order(events)
-                for key, mask in events:
-                    conn = key.data
-                    if conn is None:
-                        self.do_accept(key.fileobj, self.families[key.fd])
-                    elif conn is WAKEUP:
-                        self.drain_wakeup()
-                    elif conn.state is not CLOSED:
-                        self.handle(conn, mask)
-                if self.paused_until and time.monotonic() >= self.paused_until:
-                    self.resume_accept()
-                # Most wake-ups leave no connection timed (each was answered
-                # at once): the clock is then not read, which saves 5% of a
-                # PORT_PLEASE2_REQ.  At level 3 every clock read is logged,
-                # so there it is read as before.
-                if self.pending or log.level >= 3:
-                    self.check_timeouts()
-                if self.reexec_wanted:
-                    self.reexec()
-                if self.fdstore is not None and (self.nodes.changes or self.fdstore.stale):
-                    self.fdstore_sync()
-        except EpmdExit as e:
-            return e.code
-        finally:
-            self.epmd_cleanup_exit()
-
-    def handle(self, conn, mask):
-        """Write and/or read *conn*, a connection the selector watches, as
-        *mask* says.  Any error closes this connection only, and is logged
-        with a traceback."""
-        try:
-            if mask != EVENT_READ:  # not only readable (rare)
-                if mask & EVENT_WRITE and conn.out:
-                    self.do_write(conn)
-            if mask & EVENT_READ and conn.state is not CLOSED:
-                self.do_read(conn)
-        except Exception:  # one bad client never takes us down
-            self.internal_error(conn)
-
-    def first_read(self, conn, data=None):
-        """Read *conn*, accepted in this wake-up, at once (or take *data*,
-        the bytes read_at_accept read from it); if the rest of its request
-        is still due, it starts waiting (set_state READING).  This is
-        handle(conn, EVENT_READ) without its tests for the events a new
-        connection cannot have (3% of a request).  Any error closes this
-        connection only, and is logged with a traceback."""
-        try:
-            self.do_read(conn, data)
-            if conn.state is READING:
-                self.set_state(conn, READING)
-        except Exception:  # one bad client never takes us down
-            self.internal_error(conn)
-
-    def internal_error(self, conn):
-        """Log the exception being handled, with its traceback, and close
-        *conn* (only), unregistering its node."""
-        self.log.dbg_printf(0, "internal error on file descriptor %d: %s",
-                            conn.fd, format_exc())
-        self.drop(conn)
-
-    def check_timeouts(self):
-        """Close the timed connections (READING, REPLYING) that brought no
-        bytes for more than packet_timeout seconds (or took none of their
-        reply since it began), as OTP does.  D13: in addition, a request
-        not complete more than REQUEST_TIME_CAP * packet_timeout seconds
-        after the accept is closed, however steadily its bytes trickle in
-        (OTP serves such a trickle for ever).  Runs once per second at
-        most, and run() calls it only while some connection is timed.
-        Source: the end of OTP's run.
-        """
-        now = self.clock()
-        if now == self.last_tick:
-            return
-        self.last_tick = now
-        limit = now - self.packet_timeout
-        cap = now - self.packet_timeout * REQUEST_TIME_CAP
-        idle = []
-        capped = []
-        for c in self.pending.values():
-            if c.mod_time < limit:
-                idle.append(c)
-            elif c.start_time < cap and not c.out:
-                capped.append(c)
-        for conn in idle:
-            self.log.dbg_tty_printf(1, "closing because timed out on receive")
-            self.epmd_conn_close(conn)
-        for conn in capped:
-            self.log.dbg_tty_printf(1, "closing because request not complete within %d seconds",
-                                    self.packet_timeout * REQUEST_TIME_CAP)
-            self.epmd_conn_close(conn)
-
-    def clock(self):
-        """Integer seconds of the monotonic clock, for the time-outs.
-
-        OTP's current_time reads the wall clock, which jumps with the
-        system time; the monotonic clock does not.  At level 3 the wall
-        clock is logged, as OTP logs every current_time call.
-        """
-        t = int(time.monotonic())
-        if self.log.level >= 3:
-            self.log.dbg_printf(3, "time in seconds: %d", int(time.time()))
-        return t
-
-    def epmd_cleanup_exit(self):
-        """Close every connection and listening socket.  Source: OTP epmd.c,
-        epmd_cleanup_exit (without its exit: run returns the status)."""
-        for conn in list(self.conns.values()):
-            self.epmd_conn_close(conn)
-        for ls in self.listeners:
-            self.unwatch(ls)
-            ls.close()
-        self.listeners = []
-        if self.spare_fd >= 0:
-            os.close(self.spare_fd)
-            self.spare_fd = -1
-        if self.sel is not None:
-            self.sel.close()
-            self.sel = None
-
-    # -- accepting ----------------------------------------------------------
-
-    def open_spare(self):
-        """D2: hold one spare descriptor, freed to shed a connection on EMFILE."""
-        if self.spare_fd < 0:
-            try:
-                self.spare_fd = os.open(os.devnull, os.O_RDONLY)
-            except OSError:
-                self.spare_fd = -1
-
-    def do_accept(self, lsock, family):
-        """Accept one connection from *lsock* (of address *family*) and, as
-        most clients have sent their request by then, answer it at once; the
-        connection is only watched by the selector if it stays open.
-
-        One accept per wake-up, as OTP's loop does: the selector reports the
-        listener again at once while connections wait, which costs less than
-        the failing accept() that ends a batch.  EAGAIN, ECONNABORTED and
-        EINTR are ignored.  D2: EMFILE/ENFILE do not stop the daemon (OTP
-        exits 1): the spare descriptor is freed to accept and close the
-        oldest waiting connection, and the listeners rest for ACCEPT_PAUSE
-        seconds so the loop does not spin.
-        Source: OTP epmd_srv.c, do_accept.
-        """
-        try:
-            # lsock.accept() minus what costs more CPU than the rest of the
-            # accept: the conversions of family and type to enums, and the
-            # Python-level socket class.  The socket module's own _accept
-            # (there since Python 3.3) gives the descriptor, made into the
-            # plain C socket type, whose recv, send and close need no
-            # Python frames.
-            fd, addr = lsock._accept()
-        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-            return
-        except OSError as e:
-            self.log.dbg_perror(e, "error in accept")
-            if e.errno in (errno.EMFILE, errno.ENFILE):
-                self.shed_connection(lsock)
-            self.pause_accept()
-            return
-        sock = socket.SocketType(family, SOCK_STREAM, 0, fd)
-        if self.quiet and len(self.conns) < self.max_conn - self.local_reserve:
-            self.read_at_accept(sock, addr, family)
-            return
-        conn = self.conn_open(sock, addr, family)
-        if conn is not None:
-            self.first_read(conn)
-
-    def read_at_accept(self, sock, addr, family):
-        """do_accept's first read of *sock* (accepted from *addr*, of
-        address *family*) when nothing of the connection is logged: at
-        level 0, without -delay_write, and with room in the connection
-        table for any peer, so that conn_open would open it and say nothing.
-
-        A PORT_PLEASE2_REQ that came whole in this read, and was answered
-        before for a node still registered, finds its reply in
-        NodeTable.asked (keyed by the whole packet): it is sent (with
-        MSG_MORE, as reply() does after a request read in one go) and the
-        socket closed, without a Connection ever being made.  That is the
-        common request of a running cluster, and it skips 40% of the
-        interpreter's work per request (callgrind: 35,300 -> 21,500
-        instructions): the Connection, conn_open, do_read, do_request,
-        do_port2_req, reply and set_state.  Anything else goes on as
-        conn_open and first_read would have, with the bytes read; nothing
-        yet, and it waits.  Errors are logged as do_read and reply log
-        them.  The wire and the log are the same either way.
-        """
-        try:
-            data = sock.recv(FIRST_READ_SIZE, DONTWAIT)
-        except (BlockingIOError, InterruptedError):    # nothing yet: it waits
-            self.set_state(self.conn_open(sock, addr, family), READING)
-            return
-        except OSError as e:                            # as do_read
-            self.log.dbg_perror(e, "error in read")
-            sock.close()
-            return
-        resp = self.nodes.asked.get(data)
-        if resp is None:
-            self.first_read(self.conn_open(sock, addr, family), data)
-            return
-        try:
-            sent = sock.send(resp, DONTWAIT_MORE)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as e:                            # as reply: the peer is gone
-            self.log.dbg_perror(e, "error in write, errno=%d", e.errno or 0)
-            sock.close()
-            return
-        if sent == len(resp):
-            sock.close()
-            return
-        # The socket took only part of it (memory pressure): the rest waits
-        # in a Connection, as reply() leaves it.
-        conn = self.conn_open(sock, addr, family)
-        conn.out = resp[sent:]
-        self.set_state(conn, REPLYING)
-
-    def shed_connection(self, lsock):
-        """Accept and close one waiting connection using the spare fd (D2)."""
-        if self.spare_fd < 0:
-            return
-        os.close(self.spare_fd)
-        self.spare_fd = -1
-        try:
-            s, _ = lsock.accept()
-            s.close()
-        except OSError:
-            pass
-        self.open_spare()
-
-    def pause_accept(self):
-        """Stop watching the listeners for ACCEPT_PAUSE seconds (D2)."""
-        if self.paused_until:
-            return
-        for ls in self.listeners:
-            self.unwatch(ls)
-        self.paused_until = time.monotonic() + ACCEPT_PAUSE
-
-    def resume_accept(self):
-        """Watch the listeners again after pause_accept."""
-        self.paused_until = 0.0
-        for ls in self.listeners:
-            try:
-                self.sel.register(ls, EVENT_READ, None)
-            except (KeyError, ValueError):  # still registered
-                pass
-
-    def conn_open(self, sock, peer, family):
-        """Make a READING Connection of an accepted socket (*peer*: the
-        address accept() returned, *family*: its address family); return
-        it, or None.  It enters the connection table only if it has to wait
-        (set_state); its time-out then starts.
-
-        When the table is full the socket is closed at once ("failed
-        opening connection").  D4: remote peers may not take the last
-        local_reserve slots, so a flood of remote connections cannot keep
-        local nodes from registering.  Source: OTP epmd_srv.c, conn_open.
-        """
-        log = self.log
-        fd = sock.fileno()
-        local = None                # until it matters (Connection.local_peer)
-        active = len(self.conns)
-        if active >= self.max_conn - self.local_reserve or log.level >= 2:
-            local = conn_local_peer_check(sock, peer, family)
-            peer = None             # decided: not kept
-            if active >= self.max_conn or (not local and active >= self.max_conn - self.local_reserve):
-                log.dbg_tty_printf(0, "failed opening connection on file descriptor %d", fd)
-                sock.close()
-                return None
-        conn = Connection(sock, fd, local, 0, peer)  # mod_time: set at its first wait
-        if log.level >= 2:
-            log.dbg_tty_printf(2, "Local peer connected" if local else "Non-local peer connected")
-            log.dbg_tty_printf(2, "opening connection on file descriptor %d", fd)
-        return conn
-
-    # -- connection state ---------------------------------------------------
-
-    def set_state(self, conn, state):
-        """Move *conn* to *state*: the one place a state changes.
-
-        A connection is READING from conn_open on, outside the connection
-        table; set_state(conn, READING) is its first wait for more of its
-        request, in the wake-up that accepted it.  It keeps the rest in
-        step: the connection table ``conns`` (entered at the first wait,
-        left at CLOSED), the time-out index ``pending`` (READING and
-        REPLYING are timed; the time-out starts now: at the accept for
-        READING, with D13's cap, and at the reply for REPLYING), the
-        selector interest (Connection.wanted_events), and, for CLOSED, the
-        socket, closed here.  Closing a closed connection does nothing.
-        """
-        if conn.state is CLOSED:
-            return
-        conn.state = state
-        fd = conn.fd
-        if state is CLOSED:
-            if self.conns.pop(fd, None) is not None:   # it has waited
-                self.pending.pop(fd, None)
-                if conn.events:
-                    self.unwatch(conn.sock)
-                    conn.events = 0
-                conn.buf = conn.out = b""
-            if self.log.level >= 2:
-                self.log.dbg_tty_printf(2, "closing connection on file descriptor %d", fd)
-            conn.sock.close()
-            return
-        self.conns[fd] = conn
-        if state is KEPT:
-            self.pending.pop(fd, None)
-        else:
-            conn.mod_time = self.clock()
-            if state is READING:    # its first wait: D13's cap counts from here
-                conn.start_time = conn.mod_time
-            self.pending[fd] = conn
-        self.watch(conn)
-
-    def watch(self, conn):
-        """Register *conn* with the selector for its wanted_events(), or
-        bring its registration up to date."""
-        events = conn.wanted_events()
-        if events != conn.events:
-            if conn.events:
-                self.sel.modify(conn.sock, events, conn)
-            else:
-                self.sel.register(conn.sock, events, conn)
-            conn.events = events
-
-    def unwatch(self, fileobj):
-        """Unregister *fileobj* from the selector if it is registered."""
-        try:
-            self.sel.unregister(fileobj)
-        except (KeyError, ValueError, AttributeError):
-            pass
-
-    def epmd_conn_close(self, conn):
-        """Close *conn* and forget it.  Source: OTP epmd_srv.c, epmd_conn_close."""
-        self.set_state(conn, CLOSED)
-
-    def drop(self, conn):
-        """Unregister the node of *conn*, if it has one, and close it.
-        Source: OTP epmd_srv.c, node_unreg_sock then epmd_conn_close."""
-        if conn.node is not None:
-            self.nodes.node_unreg_sock(conn)
-        self.set_state(conn, CLOSED)
-
-    # -- reading ------------------------------------------------------------
-
-    def do_read(self, conn, data=None):
-        """Read what *conn* has (or take *data*, read already: b"" at end of
-        file); run the request once the packet is complete.
-
-        A KEPT connection that becomes readable, whether by EOF, an error
-        or any data, unregisters its node and is closed.  Otherwise the
-        read is limited to the rest of the packet, and EOF before its end,
-        L of 0 or over MAX_PACKET_LEN, and more bytes than the packet all
-        close the connection without a reply.  After the request, the
-        connection is KEPT (a registered node), REPLYING (its reply is not
-        all written) or closed.  Source: OTP epmd_srv.c, do_read.
-        """
-        log = self.log
-        if conn.state is KEPT:
-            try:
-                data = conn.sock.recv(INBUF_SIZE, DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                log.dbg_tty_printf(1, "error on ALIVE socket %d (%d; errno=0x%x)",
-                                   conn.fd, -1, e.errno or 0)
-                data = None
-            if data:
-                log.dbg_tty_printf(1, "got more than expected on ALIVE socket %d (%d)",
-                                   conn.fd, len(data))
-                log.dbg_print_buf(data)
-            self.drop(conn)
-            return
-        if data is None:
-            try:
-                data = conn.sock.recv(conn.read_size(), DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                log.dbg_perror(e, "error in read")
-                self.epmd_conn_close(conn)
-                return
-        if not data:
-            log.dbg_printf(0, "got partial packet only on file descriptor %d (%d)",
-                           conn.fd, conn.got)
-            self.epmd_conn_close(conn)
-            return
-        if log.level >= 2:
-            log.dbg_print_buf(data)
-        status = conn.take(data)
-        if status == COMPLETE:      # the common case first
-            conn.one_read = len(data) == conn.want
-            payload = conn.buf[HEADER_LEN:]
-            conn.buf = b""
-            self.do_request(conn, payload)
-            if conn.state is READING:
-                self.set_state(conn, REPLYING if conn.out else CLOSED)
-        elif status == INCOMPLETE:
-            # As OTP, the packet time-out restarts on every read that brings
-            # bytes (a complete request's reply gets one of its own from
-            # set_state).  D13: the request as a whole stays capped from
-            # the accept (start_time, check_timeouts).
-            conn.mod_time = self.clock()
-        elif status == BAD_SIZE:
-            log.dbg_printf(0, "invalid packet size (%d)", conn.want - HEADER_LEN)
-            self.epmd_conn_close(conn)
-        elif status == TOO_MUCH:
-            log.dbg_printf(0, "got %d bytes in packet, expected %d",
-                           conn.got - HEADER_LEN, conn.want - HEADER_LEN)
-            self.epmd_conn_close(conn)
-
-    # -- requests -----------------------------------------------------------
-
-    def do_request(self, conn, payload):
-        """Dispatch a complete request on its first byte.
-
-        Unknown codes close the connection ("got garbage ").  ALIVE2, DUMP,
-        KILL and STOP are for local peers only; remote peers get those
-        closed without a reply.  A handler replies with reply(), and leaves
-        the connection READING unless it keeps or closes it.
-        Source: OTP epmd_srv.c, do_request.
-        """
-        code = payload[0]
-        handler = self.HANDLERS.get(code)
-        if handler is None:
-            self.log.dbg_printf(0, "got garbage ")
-            return
-        handler(self, conn, payload)
-
-    def refuse_remote(self, conn, what):
-        """Log and return True when *conn* is not local (for local-only requests)."""
-        if conn.local_peer:
-            return False
-        self.log.dbg_printf(0, "%s from non local address", what)
-        self.diag.remote_refused(conn, what)     # D26
-        return True
-
-    def do_alive2_req(self, conn, payload):
-        """ALIVE2_REQ: register a node; reply ALIVE2_X_RESP or ALIVE2_RESP.
-
-        On success the connection is KEPT for the life of the node.  D9: on
-        an error reply (result 1, creation 99) the connection is closed,
-        where OTP holds it open forever.  D1: if the reply cannot be sent,
-        only the node this connection registered is unregistered.
-        """
-        log = self.log
-        log.dbg_printf(1, "** got ALIVE2_REQ")
-        if self.refuse_remote(conn, "ALIVE2_REQ"):
-            return
-        try:
-            req = parse_alive2_req(payload)
-        except PacketError as e:
-            log.dbg_printf(0, "%s", e)
-            self.diag.alive2_malformed(conn, payload, e)    # D25
-            return
-        holder = self.nodes.reg.get(req.name)
-        if holder is not None:
-            self.reclaim(holder)
-        node = self.nodes.node_reg2(req, conn)
-        if node is None:
-            self.diag.alive2_refused(conn, req, self.nodes)  # D25: who holds it, or why
-            resp = pack_alive2_resp(RESULT_ERROR, ALIVE2_ERROR_CREATION, req.highvsn)
-        else:
-            resp = pack_alive2_resp(RESULT_OK, node.creation, req.highvsn)
-        sent = self.reply(conn, (resp,), last=node is None)
-        log.dbg_tty_printf(1, "** %s ALIVE2_RESP for \"%s\"",
-                           "sent" if sent else "failed to send", req.name)
-        if not sent:
-            if node is not None:
-                self.nodes.node_unreg_sock(conn)  # D1: never another connection's node
-            return
-        if node is not None:
-            self.set_state(conn, KEPT)
-
-    def reclaim(self, node):
-        """D28: an ALIVE2_REQ asks for the name of *node*, a registered
-        node: if the connection that holds it is readable (EOF, a reset, an
-        error or any bytes, each of which ends a registration) handle that
-        now, exactly as the loop would have (do_read of a KEPT connection:
-        the node is unregistered, its connection closed, the same log
-        lines), so the name is free for the request.  A silent, live
-        holder is left as it is (the recv finds nothing: EAGAIN), and the
-        request is refused as before.  Runs only when the name is taken,
-        so a new name pays nothing.  A node that restarts faster than the
-        loop sees its old connection close (a FIN that arrived after this
-        wake-up's select) is then not refused.  Source: OTP's fix of the
-        same race, erlang/otp PR 11085 (node_reg2 probes the holder's fd
-        with a non-blocking select() before refusing); OTP 25 refuses.
-        """
-        conn = node.conn
-        if conn is not None and conn.state is KEPT:
-            self.do_read(conn)
-
-    def do_port2_req(self, conn, payload):
-        """PORT_PLEASE2_REQ: answer PORT2_RESP with the node's fields, or
-        'w' 1 when the name is not registered.  Anyone may ask.  (At level
-        0, a request answered before for a registered node is mostly
-        answered by read_at_accept, before it gets here.)"""
-        log = self.log
-        # The most frequent request: its level-1 lines are tested for
-        # before the call, which costs more than the test.
-        if log.level:
-            log.dbg_printf(1, "** got PORT2_REQ")
-        try:
-            name = parse_port2_req(payload)
-        except PacketError as e:
-            log.dbg_printf(0, "%s", e)
-            return
-        resp = self.nodes.port2_resp(name, payload)
-        sent = self.reply(conn, (resp or PORT2_RESP_ERROR,))
-        if log.level:
-            log.dbg_tty_printf(1, "** %s PORT2_RESP (%s) for \"%s\"",
-                               "sent" if sent else "failed to send", "ok" if resp else "error", name)
-
-    def do_names_req(self, conn, payload):
-        """NAMES_REQ: the configured port as u32, then one line per node.
-        Anyone may ask."""
-        self.log.dbg_printf(1, "** got NAMES_REQ")
-        if self.log.level >= 2 or self.delay_write:
-            lines = self.nodes.names_lines()      # OTP's writes, one by one
-        else:
-            lines = [self.nodes.names_body()]
-        self.send_listing(conn, lines, "NAMES_RESP")
-
-    def do_dump_req(self, conn, payload):
-        """DUMP_REQ: like NAMES, with the old names too; local peers only."""
-        self.log.dbg_printf(1, "** got DUMP_REQ")
-        if not self.refuse_remote(conn, "DUMP_REQ"):
-            self.send_listing(conn, self.nodes.dump_lines(), "DUMP_RESP")
-
-    def send_listing(self, conn, lines, what):
-        """Reply the u32 configured port and *lines* (NAMES_RESP, DUMP_RESP)."""
-        if self.reply(conn, [U32.pack(self.port)] + lines):
-            self.log.dbg_tty_printf(1, "** sent %s", what)
-        else:
-            self.log.dbg_tty_printf(1, "failed to send %s", what)
-
-    def do_kill_req(self, conn, payload):
-        """KILL_REQ: "NO" while nodes are registered (unless relaxed), else
-        "OK" and the daemon exits 0; local peers only."""
-        log = self.log
-        if self.refuse_remote(conn, "KILL_REQ"):
-            return
-        log.dbg_printf(1, "** got KILL_REQ")
-        if not self.relaxed and self.nodes.reg:
-            log.dbg_printf(0, "Disallowed KILL_REQ, live nodes")
-            if not self.reply(conn, (KILL_NO,)):
-                log.dbg_printf(0, "failed to send reply to KILL_REQ")
-            return
-        if not self.reply(conn, (KILL_OK,)):
-            log.dbg_printf(0, "failed to send reply to KILL_REQ")
-        log.dbg_tty_printf(1, "epmd killed")
-        self.flush(conn)
-        self.epmd_conn_close(conn)
-        log.dbg_printf(0, "got KILL_REQ - terminates normal")
-        raise EpmdExit(0)
-
-    def do_stop_req(self, conn, payload):
-        """STOP_REQ: unregister a name and close its node's connection; reply
-        "STOPPED", or "NOEXIST" then "STOPPED" for an unknown name.  Only for
-        local peers of a relaxed daemon; the name ends at the first NUL."""
-        log = self.log
-        log.dbg_printf(1, "** got STOP_REQ")
-        if self.refuse_remote(conn, "STOP_REQ"):
-            return
-        if not self.relaxed:
-            log.dbg_printf(0, "Disallowed STOP_REQ, no relaxed_command_check")
-            return
-        if len(payload) <= 1:
-            log.dbg_printf(0, "packet too small for request STOP_REQ (%d)", len(payload))
-            return
-        name = bytes(payload[1:]).split(b"\0", 1)[0]
-        owner = self.nodes.node_unreg(name)
-        if owner is None:
-            if not self.reply(conn, (STOP_NOEXIST,), last=False):
-                log.dbg_tty_printf(1, "failed to send STOP_RESP NOEXIST")
-                return
-            log.dbg_tty_printf(1, "** sent STOP_RESP NOEXIST")
-        else:
-            self.epmd_conn_close(owner)
-            log.dbg_tty_printf(1, "epmd connection stopped")
-        if self.reply(conn, (STOP_OK,)):
-            log.dbg_tty_printf(1, "** sent STOP_RESP STOPPED")
-        else:
-            log.dbg_tty_printf(1, "failed to send STOP_RESP STOPPED")
-
-    HANDLERS = {
-        ALIVE2_REQ: do_alive2_req,
-        PORT_PLEASE2_REQ: do_port2_req,
-        NAMES_REQ: do_names_req,
-        DUMP_REQ: do_dump_req,
-        KILL_REQ: do_kill_req,
-        STOP_REQ: do_stop_req,
-    }
-
-    # -- writing ------------------------------------------------------------
-
-    def reply(self, conn, chunks, last=True):
-        """Send *chunks* (bytes objects, OTP's separate writes) to *conn*;
-        *last* says whether the connection closes after this reply (false
-        for a successful ALIVE2_REQ, and for STOP's NOEXIST, which STOPPED
-        follows).
-
-        Each chunk is logged as its own hexdump and preceded by the
-        -delay_write sleep, as OTP writes them one by one; on the wire they
-        go out in one send.  What the socket cannot take now is kept in
-        ``conn.out``, written by do_write when the socket is writable, so
-        one slow peer never stalls the loop.  Returns False if the peer is
-        gone.  Source: OTP epmd_srv.c, reply.
-        """
-        log = self.log
-        if self.delay_write or log.level >= 2:
-            for chunk in chunks:
-                if self.delay_write:
-                    time.sleep(self.delay_write)
-                log.dbg_print_buf(chunk)
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        if conn.out:
-            conn.out += data
-            return True
-        # When the connection is closed right after this reply, let the FIN
-        # ride in the same segment (MSG_MORE).  Only when the request came
-        # in one read, as unread input turns the close into an RST that
-        # would drop data still held back.
-        try:
-            sent = conn.sock.send(data, DONTWAIT_MORE if last and conn.one_read else DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as e:
-            log.dbg_perror(e, "error in write, errno=%d", e.errno or 0)
-            return False
-        if sent < len(data):
-            conn.out = data[sent:]
-        return True
-
-    def do_write(self, conn):
-        """Write more of ``conn.out``; once all is written a REPLYING
-        connection is closed, a KEPT one watched for reading only."""
-        try:
-            sent = conn.sock.send(conn.out, DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            self.log.dbg_perror(e, "error in write, errno=%d", e.errno or 0)
-            self.drop(conn)
-            return
-        conn.out = conn.out[sent:]
-        if not conn.out:
-            if conn.state is KEPT:
-                self.watch(conn)
-            else:
-                self.epmd_conn_close(conn)
-
-    def flush(self, conn, timeout=1.0):
-        """Try for up to *timeout* seconds to write what *conn* still holds
-        (used before exiting on KILL_REQ)."""
-        deadline = time.monotonic() + timeout
-        while conn.out and time.monotonic() < deadline:
-            try:
-                sent = conn.sock.send(conn.out, DONTWAIT)
-                conn.out = conn.out[sent:]
-            except (BlockingIOError, InterruptedError):
-                time.sleep(0.01)
-            except OSError:
-                return
 
 
 # ---------------------------------------------------------------------------
@@ -3844,6 +3006,913 @@ def alive2_packet_problem(payload):
     if b"\0" in name:
         return "node name has a NUL byte at offset %d of %d" % (name.index(b"\0"), nlen)
     return None
+
+
+# ---------------------------------------------------------------------------
+# Server: the event loop and the requests (OTP epmd_srv.c)
+# ---------------------------------------------------------------------------
+
+
+class EpmdExit(BaseException):
+    """Raised inside the loop to end the daemon with exit status ``code``.
+
+    A BaseException, so that the per-connection ``except Exception`` of
+    handle() lets it through to run()."""
+
+    def __init__(self, code):
+        BaseException.__init__(self, code)
+        self.code = code
+
+
+# read_at_accept's answer for a socket it dealt with itself (answered and
+# closed, or closed on an error): nothing is left for conn_open.
+ANSWERED = object()
+
+
+def in_order(events):
+    """Return the (key, mask) pairs of one select() result in the order the
+    loop handles them: first the connections of registered nodes (KEPT),
+    then the other connections and the SIGUSR2 wake-up, last the listening
+    sockets; within each group, as the selector gave them.
+
+    A node ends its registration by closing its connection (EOF, reset, an
+    error, or any byte), so its end must be seen before any request that
+    came after it: otherwise a PORT_PLEASE2_REQ sent right after the close
+    is answered with the dead node's port, and an ALIVE2_REQ for the same
+    name is refused (D28).  A connection accepted in this wake-up is
+    read in it (read_at_accept, first_read), so the accepts come last.
+    OTP's run() gets the same order differently: it accepts in one round
+    and reads the new connection only in the next.
+    """
+    kept, other, listening = [], [], []
+    for event in events:
+        conn = event[0].data
+        if conn is None:
+            listening.append(event)
+        elif conn is not WAKEUP and conn.state is KEPT:
+            kept.append(event)
+        else:
+            other.append(event)
+    return kept + other + listening
+
+
+class Epmd(Handover):
+    """The daemon: options, the node table, the connections and the loop.
+
+    Options (seconds for times): *port* as configured (reported in NAMES
+    and DUMP), *addresses* (the -address list or None), *relaxed*
+    (-relaxed_command_check), *packet_timeout*, *delay_accept*,
+    *delay_write*, *systemd*, and *log*, a DebugLog that carries the debug
+    level and whether we are a daemon.  Mirrors OTP's EpmdVars.
+
+    Methods by role (C counterparts in epmd_srv.c unless said):
+
+    - start-up: bind (the part of run before the loop), conn_limit
+    - the loop: run, handle (one connection's events), first_read (a new
+      connection's), internal_error
+      (what handle does when handling fails), check_timeouts
+      (the end of run's loop), clock, epmd_cleanup_exit (epmd.c)
+    - accepting: do_accept, accepted (what do_accept does with the new
+      socket), read_at_accept (a guard in front of conn_open:
+      a new connection's first read at level 0), has_room (the one test of
+      room in the connection table), conn_open, shed_connection,
+      pause_accept and resume_accept (D2), open_spare
+    - connection state: set_state (the one place a state changes), watch,
+      unwatch, epmd_conn_close, drop (node_unreg_sock + epmd_conn_close)
+    - requests: do_read, do_request and one handler per request code
+      (do_alive2_req, do_port2_req, do_names_req, do_dump_req, do_kill_req,
+      do_stop_req, in do_request's switch in C), refuse_remote,
+      send_listing, reclaim (D28: the part of node_reg2 in OTP's fix of
+      erlang/otp#11083)
+    - writing: reply, do_write, flush
+    - hand-over (the Handover mixin, D16): install_reexec_signal,
+      request_reexec (the SIGUSR2 handler), drain_wakeup, reexec_command,
+      reexec_check, reexec, handover_state, adopt_listeners (bind of a new
+      image), handover_resume, restore_handover and conns_from_state (run
+      of a new image), fdstore_sync (systemd's fd store)
+    """
+
+    def __init__(self, port=EPMD_PORT_NO, addresses=None, relaxed=False,
+                 packet_timeout=CLOSE_TIMEOUT, delay_accept=0, delay_write=0,
+                 systemd=False, log=None):
+        self.port = port
+        self.addresses = addresses
+        self.relaxed = relaxed
+        self.packet_timeout = packet_timeout
+        self.delay_accept = delay_accept
+        self.delay_write = delay_write
+        self.systemd = systemd
+        self.log = log = log if log is not None else DebugLog()
+        max_unreg = DEBUG_MAX_UNREG_COUNT if log.level else MAX_UNREG_COUNT
+        self.nodes = NodeTable(log, max_unreg)
+        # Nothing of an accepted connection is logged or delayed: do_accept
+        # may answer it before it becomes a Connection (read_at_accept).
+        self.quiet = not log.level and not delay_write
+        self.conns = {}             # fd -> Connection, every open one
+        self.pending = {}           # fd -> Connection READING or REPLYING (timed)
+        self.listeners = []
+        self.families = {}          # listening fd -> its address family
+        self.sel = None
+        self.max_conn = 0
+        self.local_reserve = 0
+        self.spare_fd = -1          # D2: kept open to shed connections on EMFILE
+        self.paused_until = 0.0     # D2: listeners rest until this monotonic time
+        self.last_tick = 0
+        self.script = None          # hand-over: the program file a re-exec runs
+        self.module_name = None     # hand-over: or the module, when started with python -m
+        self.argv = []              # hand-over: the command line it gets again
+        self.reexec_wanted = False  # hand-over: set by SIGUSR2, acted on by the loop
+        self.wakeup = None          # hand-over: the signal wake-up socket pair
+        self.handover = None        # hand-over: what the previous image passed
+        self.fdstore = None         # hand-over: systemd's fd store (FdStore), if used
+        self.diag = Diagnostics(self.log)   # D25, D26: refusals say who and why
+
+    # -- start-up ---------------------------------------------------------
+
+    def bind(self):
+        """Open the listening sockets (or take systemd's) and size the
+        connection table.  Raises StartupError or AlreadyRunning."""
+        log = self.log
+        if self.handover is not None:
+            self.adopt_listeners()
+            return
+        if self.systemd:
+            log.dbg_printf(2, "try to obtain sockets from systemd")
+            stored = {}
+            self.listeners = systemd_listen_sockets(os.environ, stored)
+            self.port = systemd_port(self.listeners, self.port)
+            self.fdstore = FdStore.open(os.environ, stored, log)
+        else:
+            log.dbg_printf(2, "try to initiate listening port %d", self.port)
+            addrs = parse_addresses(self.addresses)
+            self.listeners = open_listen_sockets(addrs, self.port, log)
+        self.max_conn = self.conn_limit()
+        self.local_reserve = min(LOCAL_RESERVE, self.max_conn // 2)
+
+    def conn_limit(self):
+        """D3: size the connection table from RLIMIT_NOFILE, not FD_SETSIZE.
+
+        The soft limit is raised to the hard limit when possible; the table
+        gets that many descriptors minus FD_RESERVE and the listeners.
+        """
+        try:
+            import resource
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            if hard == resource.RLIM_INFINITY or hard > soft:
+                target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+                try:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                    soft = target
+                except (OSError, ValueError):
+                    pass
+        except ImportError:
+            soft = 1024
+        return max(1, soft - FD_RESERVE - len(self.listeners))
+
+    # -- the loop -----------------------------------------------------------
+    #
+    # run() waits on the selector for at most IDLE_TIMEOUT seconds (1 second
+    # when packet_timeout < IDLE_TIMEOUT), then sleeps -delay_accept if set,
+    # and goes through the ready sockets in_order: the registered nodes'
+    # connections first (their close, D28), then the other connections and
+    # the SIGUSR2 wake-up, the listening sockets last, each group in the
+    # order the selector gives:
+    #   - a listening socket gets one accept (do_accept); the new connection
+    #     is opened by conn_open and, since its request has usually arrived
+    #     already, read at once (first_read), so most connections are answered
+    #     and closed without ever being registered with the selector;
+    #   - a connection gets handle(): do_write when its reply waits and the
+    #     socket is writable, do_read when readable; do_read frames the
+    #     packet and calls do_request once it is complete.
+    # After the ready sockets: listeners paused by EMFILE are resumed when
+    # their pause is over (D2), and check_timeouts closes, at most once a
+    # second, the timed connections (READING, REPLYING) that brought no
+    # bytes (or took none of their reply) for packet_timeout seconds, or,
+    # D13, whose request is not complete REQUEST_TIME_CAP packet time-outs
+    # after the accept.  Any exception raised while handling one connection
+    # is logged with its traceback and only that connection is closed; the
+    # loop never dies of a peer.
+
+    def run(self):
+        """Serve until KILL_REQ or a signal; return the exit status.
+
+        Source: OTP epmd_srv.c, run (the select loop).
+        """
+        log = self.log
+        self.sel = sel = selectors.DefaultSelector()
+        for ls in self.listeners:
+            sel.register(ls, EVENT_READ, None)
+            self.families[ls.fileno()] = int(ls.family)
+        self.open_spare()
+        self.handover_resume()
+        if self.fdstore is not None:
+            self.nodes.changes = []     # the store follows the table from now on
+            self.fdstore.stale = True   # first, the whole state of this image
+        if self.systemd:
+            sd_notify(SD_READY % os.getpid())
+        log.dbg_tty_printf(2, "entering the main select() loop")
+        tick = SHORT_IDLE_TIMEOUT if self.packet_timeout < IDLE_TIMEOUT else IDLE_TIMEOUT
+        try:
+            while True:
+                timeout = tick
+                if self.paused_until:
+                    timeout = max(0.0, min(tick, self.paused_until - time.monotonic()))
+                events = sel.select(timeout)
+                if self.delay_accept:
+                    time.sleep(self.delay_accept)
+                if len(events) > 1:     # most wake-ups bring one event
+                    events = in_order(events)
+                for key, mask in events:
+                    conn = key.data
+                    if conn is None:
+                        self.do_accept(key.fileobj, self.families[key.fd])
+                    elif conn is WAKEUP:
+                        self.drain_wakeup()
+                    elif conn.state is not CLOSED:
+                        self.handle(conn, mask)
+                if self.paused_until and time.monotonic() >= self.paused_until:
+                    self.resume_accept()
+                # Most wake-ups leave no connection timed (each was answered
+                # at once): the clock is then not read, which saves 5% of a
+                # PORT_PLEASE2_REQ.  At level 3 every clock read is logged,
+                # so there it is read as before.
+                if self.pending or log.level >= 3:
+                    self.check_timeouts()
+                if self.reexec_wanted:
+                    self.reexec()
+                if self.fdstore is not None and (self.nodes.changes or self.fdstore.stale):
+                    self.fdstore_sync()
+        except EpmdExit as e:
+            return e.code
+        finally:
+            self.epmd_cleanup_exit()
+
+    def handle(self, conn, mask):
+        """Write and/or read *conn*, a connection the selector watches, as
+        *mask* says.  Any error closes this connection only, and is logged
+        with a traceback."""
+        try:
+            if mask != EVENT_READ:  # not only readable (rare)
+                if mask & EVENT_WRITE and conn.out:
+                    self.do_write(conn)
+            if mask & EVENT_READ and conn.state is not CLOSED:
+                self.do_read(conn)
+        except Exception:  # one bad client never takes us down
+            self.internal_error(conn)
+
+    def first_read(self, conn, data=None):
+        """Read *conn*, accepted in this wake-up, at once (or take *data*,
+        the bytes read_at_accept read from it); if the rest of its request
+        is still due, it starts waiting (set_state READING).  This is
+        handle(conn, EVENT_READ) without its tests for the events a new
+        connection cannot have (3% of a request).  Any error closes this
+        connection only, and is logged with a traceback."""
+        try:
+            self.do_read(conn, data)
+            if conn.state is READING:
+                self.set_state(conn, READING)
+        except Exception:  # one bad client never takes us down
+            self.internal_error(conn)
+
+    def internal_error(self, conn):
+        """Log the exception being handled, with its traceback, and close
+        *conn* (only), unregistering its node."""
+        self.log.dbg_printf(0, "internal error on file descriptor %d: %s",
+                            conn.fd, format_exc())
+        self.drop(conn)
+
+    def check_timeouts(self):
+        """Close the timed connections (READING, REPLYING) that brought no
+        bytes for more than packet_timeout seconds (or took none of their
+        reply since it began), as OTP does.  D13: in addition, a request
+        not complete more than REQUEST_TIME_CAP * packet_timeout seconds
+        after the accept is closed, however steadily its bytes trickle in
+        (OTP serves such a trickle for ever).  Runs once per second at
+        most, and run() calls it only while some connection is timed.
+        Source: the end of OTP's run.
+        """
+        now = self.clock()
+        if now == self.last_tick:
+            return
+        self.last_tick = now
+        limit = now - self.packet_timeout
+        cap = now - self.packet_timeout * REQUEST_TIME_CAP
+        idle = []
+        capped = []
+        for c in self.pending.values():
+            if c.mod_time < limit:
+                idle.append(c)
+            elif c.start_time < cap and not c.out:
+                capped.append(c)
+        for conn in idle:
+            self.log.dbg_tty_printf(1, "closing because timed out on receive")
+            self.epmd_conn_close(conn)
+        for conn in capped:
+            self.log.dbg_tty_printf(1, "closing because request not complete within %d seconds",
+                                    self.packet_timeout * REQUEST_TIME_CAP)
+            self.epmd_conn_close(conn)
+
+    def clock(self):
+        """Integer seconds of the monotonic clock, for the time-outs.
+
+        OTP's current_time reads the wall clock, which jumps with the
+        system time; the monotonic clock does not.  At level 3 the wall
+        clock is logged, as OTP logs every current_time call.
+        """
+        t = int(time.monotonic())
+        if self.log.level >= 3:
+            self.log.dbg_printf(3, "time in seconds: %d", int(time.time()))
+        return t
+
+    def epmd_cleanup_exit(self):
+        """Close every connection and listening socket.  Source: OTP epmd.c,
+        epmd_cleanup_exit (without its exit: run returns the status)."""
+        for conn in list(self.conns.values()):
+            self.epmd_conn_close(conn)
+        for ls in self.listeners:
+            self.unwatch(ls)
+            ls.close()
+        self.listeners = []
+        if self.spare_fd >= 0:
+            os.close(self.spare_fd)
+            self.spare_fd = -1
+        if self.sel is not None:
+            self.sel.close()
+            self.sel = None
+
+    # -- accepting ----------------------------------------------------------
+
+    def open_spare(self):
+        """D2: hold one spare descriptor, freed to shed a connection on EMFILE."""
+        if self.spare_fd < 0:
+            try:
+                self.spare_fd = os.open(os.devnull, os.O_RDONLY)
+            except OSError:
+                self.spare_fd = -1
+
+    def do_accept(self, lsock, family):
+        """Accept one connection from *lsock* (of address *family*) and, as
+        most clients have sent their request by then, answer it at once; the
+        connection is only watched by the selector if it stays open.
+
+        One accept per wake-up, as OTP's loop does: the selector reports the
+        listener again at once while connections wait, which costs less than
+        the failing accept() that ends a batch.  EAGAIN, ECONNABORTED and
+        EINTR are ignored.  D2: EMFILE/ENFILE do not stop the daemon (OTP
+        exits 1): the spare descriptor is freed to accept and close the
+        oldest waiting connection, and the listeners rest for ACCEPT_PAUSE
+        seconds so the loop does not spin.
+        Source: OTP epmd_srv.c, do_accept.
+        """
+        try:
+            # lsock.accept() minus what costs more CPU than the rest of the
+            # accept: the conversions of family and type to enums, and the
+            # Python-level socket class.  The socket module's own _accept
+            # (there since Python 3.3) gives the descriptor, made into the
+            # plain C socket type, whose recv, send and close need no
+            # Python frames.
+            fd, addr = lsock._accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as e:
+            self.log.dbg_perror(e, "error in accept")
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                self.shed_connection(lsock)
+            self.pause_accept()
+            return
+        self.accepted(socket.SocketType(family, SOCK_STREAM, 0, fd), addr, family)
+
+    def accepted(self, sock, addr, family):
+        """Take *sock*, just accepted from *addr* (of address *family*): at
+        level 0 read_at_accept first (which may answer it outright), then
+        conn_open and first_read.  Any error closes this connection only,
+        and is logged with a traceback."""
+        conn = None
+        try:
+            data = None             # not read yet: first_read reads it
+            if self.quiet and self.has_room():
+                data = self.read_at_accept(sock, addr, family)
+                if data is ANSWERED:
+                    return
+            conn = self.conn_open(sock, addr, family)
+            if conn is not None:
+                self.first_read(conn, data)
+        except Exception:  # one bad client never takes us down
+            if conn is not None:
+                self.internal_error(conn)
+            else:
+                self.log.dbg_printf(0, "internal error on a connection accepted from %s: %s",
+                                    addr, format_exc())
+                sock.close()
+
+    def read_at_accept(self, sock, addr, family):
+        """A guard in front of conn_open and first_read (do_accept): the
+        first read of *sock* (accepted from *addr*, of address *family*)
+        when nothing of the connection is logged: at level 0, without
+        -delay_write, and with room in the connection table for any peer
+        (has_room), so that conn_open would open it and say nothing.
+
+        A PORT_PLEASE2_REQ that came whole in this read, and was answered
+        before for a node still registered, finds its reply in
+        NodeTable.asked (keyed by the whole packet): it is sent (with
+        MSG_MORE, as reply() does after a request read in one go) and the
+        socket closed, without a Connection ever being made; returns
+        ANSWERED.  That is the common request of a running cluster, and it
+        skips 40% of the interpreter's work per request (callgrind: 35,300
+        -> 21,500 instructions): the Connection, conn_open, do_read,
+        do_request, do_port2_req, reply and set_state.  Otherwise returns
+        the bytes read (b"" at EOF), or None when nothing came yet, for the
+        general path to go on with.  A read or write error is logged as
+        do_read and reply log it, and the socket closed (ANSWERED).  The
+        wire and the log are the same either way.
+        """
+        try:
+            data = sock.recv(FIRST_READ_SIZE, DONTWAIT)
+        except (BlockingIOError, InterruptedError):    # nothing yet: it waits
+            return None
+        except OSError as e:                            # as do_read
+            self.log.dbg_perror(e, "error in read")
+            sock.close()
+            return ANSWERED
+        resp = self.nodes.asked.get(data)
+        if resp is None:
+            return data
+        try:
+            sent = sock.send(resp, DONTWAIT_MORE)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as e:                            # as reply: the peer is gone
+            self.log.dbg_perror(e, "error in write, errno=%d", e.errno or 0)
+            sock.close()
+            return ANSWERED
+        if sent == len(resp):
+            sock.close()
+            return ANSWERED
+        # The socket took only part of it (memory pressure): the rest waits
+        # in a Connection, as reply() leaves it.
+        conn = self.conn_open(sock, addr, family)
+        if conn is not None:
+            conn.out = resp[sent:]
+            self.set_state(conn, REPLYING)
+        return ANSWERED
+
+    def shed_connection(self, lsock):
+        """Accept and close one waiting connection using the spare fd (D2)."""
+        if self.spare_fd < 0:
+            return
+        os.close(self.spare_fd)
+        self.spare_fd = -1
+        try:
+            s, _ = lsock.accept()
+            s.close()
+        except OSError:
+            pass
+        self.open_spare()
+
+    def pause_accept(self):
+        """Stop watching the listeners for ACCEPT_PAUSE seconds (D2)."""
+        if self.paused_until:
+            return
+        for ls in self.listeners:
+            self.unwatch(ls)
+        self.paused_until = time.monotonic() + ACCEPT_PAUSE
+
+    def resume_accept(self):
+        """Watch the listeners again after pause_accept."""
+        self.paused_until = 0.0
+        for ls in self.listeners:
+            try:
+                self.sel.register(ls, EVENT_READ, None)
+            except (KeyError, ValueError):  # still registered
+                pass
+
+    def has_room(self):
+        """True while the connection table has room for any peer; the last
+        local_reserve slots are for local peers only (D4, conn_open)."""
+        return len(self.conns) < self.max_conn - self.local_reserve
+
+    def conn_open(self, sock, peer, family):
+        """Make a READING Connection of an accepted socket (*peer*: the
+        address accept() returned, *family*: its address family); return
+        it, or None.  It enters the connection table only if it has to wait
+        (set_state); its time-out then starts.
+
+        When the table is full the socket is closed at once ("failed
+        opening connection").  D4: remote peers may not take the last
+        local_reserve slots, so a flood of remote connections cannot keep
+        local nodes from registering.  Source: OTP epmd_srv.c, conn_open.
+        """
+        log = self.log
+        fd = sock.fileno()
+        local = None                # until it matters (Connection.local_peer)
+        room = self.has_room()
+        if not room or log.level >= 2:
+            local = conn_local_peer_check(sock, peer, family)
+            peer = None             # decided: not kept
+            if not room and (not local or len(self.conns) >= self.max_conn):
+                log.dbg_tty_printf(0, "failed opening connection on file descriptor %d", fd)
+                sock.close()
+                return None
+        conn = Connection(sock, fd, local, 0, peer)  # mod_time: set at its first wait
+        if log.level >= 2:
+            log.dbg_tty_printf(2, "Local peer connected" if local else "Non-local peer connected")
+            log.dbg_tty_printf(2, "opening connection on file descriptor %d", fd)
+        return conn
+
+    # -- connection state ---------------------------------------------------
+
+    def set_state(self, conn, state, restore=False):
+        """Move *conn* to *state*: the one place a state changes.
+
+        A connection is READING from conn_open on, outside the connection
+        table; set_state(conn, READING) is its first wait for more of its
+        request, in the wake-up that accepted it.  It keeps the rest in
+        step: the connection table ``conns`` (entered at the first wait,
+        left at CLOSED), the time-out index ``pending`` (READING and
+        REPLYING are timed; the time-out starts now: at the accept for
+        READING, with D13's cap, and at the reply for REPLYING), the
+        selector interest (Connection.wanted_events), and, for CLOSED, the
+        socket, closed here.  Closing a closed connection does nothing.
+        *restore*: a connection handed over by the previous image enters
+        *state* with the time-out clocks it had (restore_handover).
+        """
+        if conn.state is CLOSED:
+            return
+        conn.state = state
+        fd = conn.fd
+        if state is CLOSED:
+            if self.conns.pop(fd, None) is not None:   # it has waited
+                self.pending.pop(fd, None)
+                if conn.events:
+                    self.unwatch(conn.sock)
+                    conn.events = 0
+                conn.buf = conn.out = b""
+            if self.log.level >= 2:
+                self.log.dbg_tty_printf(2, "closing connection on file descriptor %d", fd)
+            conn.sock.close()
+            return
+        self.conns[fd] = conn
+        if state is KEPT:
+            self.pending.pop(fd, None)
+        else:
+            if not restore:
+                conn.mod_time = self.clock()
+                if state is READING:    # its first wait: D13's cap counts from here
+                    conn.start_time = conn.mod_time
+            self.pending[fd] = conn
+        self.watch(conn)
+
+    def watch(self, conn):
+        """Register *conn* with the selector for its wanted_events(), or
+        bring its registration up to date."""
+        events = conn.wanted_events()
+        if events != conn.events:
+            if conn.events:
+                self.sel.modify(conn.sock, events, conn)
+            else:
+                self.sel.register(conn.sock, events, conn)
+            conn.events = events
+
+    def unwatch(self, fileobj):
+        """Unregister *fileobj* from the selector if it is registered."""
+        try:
+            self.sel.unregister(fileobj)
+        except (KeyError, ValueError, AttributeError):
+            pass
+
+    def epmd_conn_close(self, conn):
+        """Close *conn* and forget it.  Source: OTP epmd_srv.c, epmd_conn_close."""
+        self.set_state(conn, CLOSED)
+
+    def drop(self, conn):
+        """Unregister the node of *conn*, if it has one, and close it.
+        Source: OTP epmd_srv.c, node_unreg_sock then epmd_conn_close."""
+        if conn.node is not None:
+            self.nodes.node_unreg_sock(conn)
+        self.set_state(conn, CLOSED)
+
+    # -- reading ------------------------------------------------------------
+
+    def do_read(self, conn, data=None):
+        """Read what *conn* has (or take *data*, read already: b"" at end of
+        file); run the request once the packet is complete.
+
+        A KEPT connection that becomes readable, whether by EOF, an error
+        or any data, unregisters its node and is closed.  Otherwise the
+        read is limited to the rest of the packet, and EOF before its end,
+        L of 0 or over MAX_PACKET_LEN, and more bytes than the packet all
+        close the connection without a reply.  After the request, the
+        connection is KEPT (a registered node), REPLYING (its reply is not
+        all written) or closed.  Source: OTP epmd_srv.c, do_read.
+        """
+        log = self.log
+        if conn.state is KEPT:
+            try:
+                data = conn.sock.recv(INBUF_SIZE, DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.dbg_tty_printf(1, "error on ALIVE socket %d (%d; errno=0x%x)",
+                                   conn.fd, -1, e.errno or 0)
+                data = None
+            if data:
+                log.dbg_tty_printf(1, "got more than expected on ALIVE socket %d (%d)",
+                                   conn.fd, len(data))
+                log.dbg_print_buf(data)
+            self.drop(conn)
+            return
+        if data is None:
+            try:
+                data = conn.sock.recv(conn.read_size(), DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.dbg_perror(e, "error in read")
+                self.epmd_conn_close(conn)
+                return
+        if not data:
+            log.dbg_printf(0, "got partial packet only on file descriptor %d (%d)",
+                           conn.fd, conn.got)
+            self.epmd_conn_close(conn)
+            return
+        if log.level >= 2:
+            log.dbg_print_buf(data)
+        status = conn.take(data)
+        if status == COMPLETE:      # the common case first
+            conn.one_read = len(data) == conn.want
+            payload = conn.buf[HEADER_LEN:]
+            conn.buf = b""
+            self.do_request(conn, payload)
+            if conn.state is READING:
+                self.set_state(conn, REPLYING if conn.out else CLOSED)
+        elif status == INCOMPLETE:
+            # As OTP, the packet time-out restarts on every read that brings
+            # bytes (a complete request's reply gets one of its own from
+            # set_state).  D13: the request as a whole stays capped from
+            # the accept (start_time, check_timeouts).
+            conn.mod_time = self.clock()
+        elif status == BAD_SIZE:
+            log.dbg_printf(0, "invalid packet size (%d)", conn.want - HEADER_LEN)
+            self.epmd_conn_close(conn)
+        elif status == TOO_MUCH:
+            log.dbg_printf(0, "got %d bytes in packet, expected %d",
+                           conn.got - HEADER_LEN, conn.want - HEADER_LEN)
+            self.epmd_conn_close(conn)
+
+    # -- requests -----------------------------------------------------------
+
+    def do_request(self, conn, payload):
+        """Dispatch a complete request on its first byte.
+
+        Unknown codes close the connection ("got garbage ").  ALIVE2, DUMP,
+        KILL and STOP are for local peers only; remote peers get those
+        closed without a reply.  A handler replies with reply(), and leaves
+        the connection READING unless it keeps or closes it.
+        Source: OTP epmd_srv.c, do_request.
+        """
+        code = payload[0]
+        handler = self.HANDLERS.get(code)
+        if handler is None:
+            self.log.dbg_printf(0, "got garbage ")
+            return
+        handler(self, conn, payload)
+
+    def refuse_remote(self, conn, what):
+        """Log and return True when *conn* is not local (for local-only requests)."""
+        if conn.local_peer:
+            return False
+        self.log.dbg_printf(0, "%s from non local address", what)
+        self.diag.remote_refused(conn, what)     # D26
+        return True
+
+    def do_alive2_req(self, conn, payload):
+        """ALIVE2_REQ: register a node; reply ALIVE2_X_RESP or ALIVE2_RESP.
+
+        On success the connection is KEPT for the life of the node.  D9: on
+        an error reply (result 1, creation 99) the connection is closed,
+        where OTP holds it open forever.  D1: if the reply cannot be sent,
+        only the node this connection registered is unregistered.
+        """
+        log = self.log
+        log.dbg_printf(1, "** got ALIVE2_REQ")
+        if self.refuse_remote(conn, "ALIVE2_REQ"):
+            return
+        try:
+            req = parse_alive2_req(payload)
+        except PacketError as e:
+            log.dbg_printf(0, "%s", e)
+            self.diag.alive2_malformed(conn, payload, e)    # D25
+            return
+        holder = self.nodes.reg.get(req.name)
+        if holder is not None:
+            self.reclaim(holder)
+        node = self.nodes.node_reg2(req, conn)
+        if node is None:
+            self.diag.alive2_refused(conn, req, self.nodes)  # D25: who holds it, or why
+            resp = pack_alive2_resp(RESULT_ERROR, ALIVE2_ERROR_CREATION, req.highvsn)
+        else:
+            resp = pack_alive2_resp(RESULT_OK, node.creation, req.highvsn)
+        sent = self.reply(conn, (resp,), last=node is None)
+        log.dbg_tty_printf(1, "** %s ALIVE2_RESP for \"%s\"",
+                           "sent" if sent else "failed to send", req.name)
+        if not sent:
+            if node is not None:
+                self.nodes.node_unreg_sock(conn)  # D1: never another connection's node
+            return
+        if node is not None:
+            self.set_state(conn, KEPT)
+
+    def reclaim(self, node):
+        """D28: an ALIVE2_REQ asks for the name of *node*, a registered
+        node: if the connection that holds it is readable (EOF, a reset, an
+        error or any bytes, each of which ends a registration) handle that
+        now, exactly as the loop would have (do_read of a KEPT connection:
+        the node is unregistered, its connection closed, the same log
+        lines), so the name is free for the request.  A silent, live
+        holder is left as it is (the recv finds nothing: EAGAIN), and the
+        request is refused as before.  Runs only when the name is taken,
+        so a new name pays nothing.  A node that restarts faster than the
+        loop sees its old connection close (a FIN that arrived after this
+        wake-up's select) is then not refused.  Source: OTP's fix of the
+        same race, erlang/otp PR 11085 (node_reg2 probes the holder's fd
+        with a non-blocking select() before refusing); OTP 25 refuses.
+        """
+        conn = node.conn
+        if conn is not None and conn.state is KEPT:
+            self.do_read(conn)
+
+    def do_port2_req(self, conn, payload):
+        """PORT_PLEASE2_REQ: answer PORT2_RESP with the node's fields, or
+        'w' 1 when the name is not registered.  Anyone may ask.  (At level
+        0, a request answered before for a registered node is mostly
+        answered by read_at_accept, before it gets here.)"""
+        log = self.log
+        # The most frequent request: its level-1 lines are tested for
+        # before the call, which costs more than the test.
+        if log.level:
+            log.dbg_printf(1, "** got PORT2_REQ")
+        try:
+            name = parse_port2_req(payload)
+        except PacketError as e:
+            log.dbg_printf(0, "%s", e)
+            return
+        resp = self.nodes.port2_resp(name, payload)
+        sent = self.reply(conn, (resp or PORT2_RESP_ERROR,))
+        if log.level:
+            log.dbg_tty_printf(1, "** %s PORT2_RESP (%s) for \"%s\"",
+                               "sent" if sent else "failed to send", "ok" if resp else "error", name)
+
+    def do_names_req(self, conn, payload):
+        """NAMES_REQ: the configured port as u32, then one line per node.
+        Anyone may ask."""
+        self.log.dbg_printf(1, "** got NAMES_REQ")
+        if self.log.level >= 2 or self.delay_write:
+            lines = self.nodes.names_lines()      # OTP's writes, one by one
+        else:
+            lines = [self.nodes.names_body()]
+        self.send_listing(conn, lines, "NAMES_RESP")
+
+    def do_dump_req(self, conn, payload):
+        """DUMP_REQ: like NAMES, with the old names too; local peers only."""
+        self.log.dbg_printf(1, "** got DUMP_REQ")
+        if not self.refuse_remote(conn, "DUMP_REQ"):
+            self.send_listing(conn, self.nodes.dump_lines(), "DUMP_RESP")
+
+    def send_listing(self, conn, lines, what):
+        """Reply the u32 configured port and *lines* (NAMES_RESP, DUMP_RESP)."""
+        if self.reply(conn, [U32.pack(self.port)] + lines):
+            self.log.dbg_tty_printf(1, "** sent %s", what)
+        else:
+            self.log.dbg_tty_printf(1, "failed to send %s", what)
+
+    def do_kill_req(self, conn, payload):
+        """KILL_REQ: "NO" while nodes are registered (unless relaxed), else
+        "OK" and the daemon exits 0; local peers only."""
+        log = self.log
+        if self.refuse_remote(conn, "KILL_REQ"):
+            return
+        log.dbg_printf(1, "** got KILL_REQ")
+        if not self.relaxed and self.nodes.reg:
+            log.dbg_printf(0, "Disallowed KILL_REQ, live nodes")
+            if not self.reply(conn, (KILL_NO,)):
+                log.dbg_printf(0, "failed to send reply to KILL_REQ")
+            return
+        if not self.reply(conn, (KILL_OK,)):
+            log.dbg_printf(0, "failed to send reply to KILL_REQ")
+        log.dbg_tty_printf(1, "epmd killed")
+        self.flush(conn)
+        self.epmd_conn_close(conn)
+        log.dbg_printf(0, "got KILL_REQ - terminates normal")
+        raise EpmdExit(0)
+
+    def do_stop_req(self, conn, payload):
+        """STOP_REQ: unregister a name and close its node's connection; reply
+        "STOPPED", or "NOEXIST" then "STOPPED" for an unknown name.  Only for
+        local peers of a relaxed daemon; the name ends at the first NUL."""
+        log = self.log
+        log.dbg_printf(1, "** got STOP_REQ")
+        if self.refuse_remote(conn, "STOP_REQ"):
+            return
+        if not self.relaxed:
+            log.dbg_printf(0, "Disallowed STOP_REQ, no relaxed_command_check")
+            return
+        if len(payload) <= 1:
+            log.dbg_printf(0, "packet too small for request STOP_REQ (%d)", len(payload))
+            return
+        name = bytes(payload[1:]).split(b"\0", 1)[0]
+        owner = self.nodes.node_unreg(name)
+        if owner is None:
+            if not self.reply(conn, (STOP_NOEXIST,), last=False):
+                log.dbg_tty_printf(1, "failed to send STOP_RESP NOEXIST")
+                return
+            log.dbg_tty_printf(1, "** sent STOP_RESP NOEXIST")
+        else:
+            self.epmd_conn_close(owner)
+            log.dbg_tty_printf(1, "epmd connection stopped")
+        if self.reply(conn, (STOP_OK,)):
+            log.dbg_tty_printf(1, "** sent STOP_RESP STOPPED")
+        else:
+            log.dbg_tty_printf(1, "failed to send STOP_RESP STOPPED")
+
+    HANDLERS = {
+        ALIVE2_REQ: do_alive2_req,
+        PORT_PLEASE2_REQ: do_port2_req,
+        NAMES_REQ: do_names_req,
+        DUMP_REQ: do_dump_req,
+        KILL_REQ: do_kill_req,
+        STOP_REQ: do_stop_req,
+    }
+
+    # -- writing ------------------------------------------------------------
+
+    def reply(self, conn, chunks, last=True):
+        """Send *chunks* (bytes objects, OTP's separate writes) to *conn*;
+        *last* says whether the connection closes after this reply (false
+        for a successful ALIVE2_REQ, and for STOP's NOEXIST, which STOPPED
+        follows).
+
+        Each chunk is logged as its own hexdump and preceded by the
+        -delay_write sleep, as OTP writes them one by one; on the wire they
+        go out in one send.  What the socket cannot take now is kept in
+        ``conn.out``, written by do_write when the socket is writable, so
+        one slow peer never stalls the loop.  Returns False if the peer is
+        gone.  Source: OTP epmd_srv.c, reply.
+        """
+        log = self.log
+        if self.delay_write or log.level >= 2:
+            for chunk in chunks:
+                if self.delay_write:
+                    time.sleep(self.delay_write)
+                log.dbg_print_buf(chunk)
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if conn.out:
+            conn.out += data
+            return True
+        # When the connection is closed right after this reply, let the FIN
+        # ride in the same segment (MSG_MORE).  Only when the request came
+        # in one read, as unread input turns the close into an RST that
+        # would drop data still held back.
+        try:
+            sent = conn.sock.send(data, DONTWAIT_MORE if last and conn.one_read else DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as e:
+            log.dbg_perror(e, "error in write, errno=%d", e.errno or 0)
+            return False
+        if sent < len(data):
+            conn.out = data[sent:]
+        return True
+
+    def do_write(self, conn):
+        """Write more of ``conn.out``; once all is written a REPLYING
+        connection is closed, a KEPT one watched for reading only."""
+        try:
+            sent = conn.sock.send(conn.out, DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.log.dbg_perror(e, "error in write, errno=%d", e.errno or 0)
+            self.drop(conn)
+            return
+        conn.out = conn.out[sent:]
+        if not conn.out:
+            if conn.state is KEPT:
+                self.watch(conn)
+            else:
+                self.epmd_conn_close(conn)
+
+    def flush(self, conn, timeout=1.0):
+        """Try for up to *timeout* seconds to write what *conn* still holds
+        (used before exiting on KILL_REQ)."""
+        deadline = time.monotonic() + timeout
+        while conn.out and time.monotonic() < deadline:
+            try:
+                sent = conn.sock.send(conn.out, DONTWAIT)
+                conn.out = conn.out[sent:]
+            except (BlockingIOError, InterruptedError):
+                time.sleep(0.01)
+            except OSError:
+                return
 
 
 # ---------------------------------------------------------------------------
@@ -4475,7 +4544,6 @@ PROC_COMM = "/proc/self/comm"
 PR_SET_NAME = 15                    # linux/prctl.h
 # syslog, with -daemon: the tag of OTP's lines (glibc's default, its program
 # name), and the socket glibc's syslog() writes to (_PATH_LOG).
-SYSLOG_IDENT = "epmd"
 SYSLOG_PATH = "/dev/log"
 
 
@@ -4668,17 +4736,6 @@ def set_process_name(name=PROCESS_NAME, comm_path=PROC_COMM):
         return libc.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0) == 0
     except Exception:       # ImportError, OSError, AttributeError: no such call here
         return False
-
-
-def open_syslog():
-    """Open syslog for the daemon's log and return the syslog module: tag
-    ``epmd``, no PID, facility user, as OTP's daemon logs (it never calls
-    openlog(), so glibc tags its lines with the program name, ``epmd``).
-    Without this, Python tags lines with the script's name, ``epmd.py``.
-    """
-    import syslog
-    syslog.openlog(SYSLOG_IDENT, 0, syslog.LOG_USER)
-    return syslog
 
 
 def syslog_unreachable(path=SYSLOG_PATH):
