@@ -403,6 +403,17 @@ def test_request_handling_fuzz(inputs):
 ASKED = [frame(b"zkeep0"), frame(b"zkeep1\0"), frame(b"zkeep2")]
 
 
+class Accepting:
+    """A listening socket for do_accept whose one pending connection is
+    the socketpair end *sock* (its descriptor is handed over)."""
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def _accept(self):
+        return self.sock.detach(), None
+
+
 def primed_harness():
     """A Harness whose three nodes were each asked for once (NodeTable.asked)."""
     h = Harness()
@@ -426,8 +437,8 @@ def log_since(h, start):
 
 def new_connection(h, data, hang_up, at_accept):
     """A new peer sends *data* (then hangs up if *hang_up*), and the daemon
-    takes it as do_accept does (Epmd.accepted: read_at_accept, then conn_open
-    and first_read), or through conn_open and first_read alone, then as its
+    takes it through do_accept (read_at_accept, then conn_open and
+    first_read), or through conn_open and first_read alone, then as its
     loop would until it closes.  Returns what the
     peer got and the log lines."""
     e = h.e
@@ -440,7 +451,7 @@ def new_connection(h, data, hang_up, at_accept):
     if hang_up:
         b.shutdown(socket.SHUT_WR)
     if at_accept:
-        e.accepted(a, None, socket.AF_UNIX)     # read_at_accept, then the general path
+        e.do_accept(Accepting(a), socket.AF_UNIX)   # read_at_accept, then the general path
     else:
         conn = e.conn_open(a, None, socket.AF_UNIX)
         e.first_read(conn)
@@ -556,19 +567,19 @@ def test_read_at_accept_errors_and_short_send():
     try:
         start = len(e.log.out.getvalue())
         s, b = flaky_pair(ASKED[0], recv_error=ConnectionResetError(104, "Connection reset by peer"))
-        e.accepted(s, None, socket.AF_UNIX)
+        e.read_at_accept(s, None, socket.AF_UNIX)
         assert s.fileno() == -1 and read_to_eof(b) == b""
         assert log_since(h, start) == ["error in read: Connection reset by peer"]
 
         start = len(e.log.out.getvalue())
         s, b = flaky_pair(ASKED[0], send_error=BrokenPipeError(32, "Broken pipe"))
-        e.accepted(s, None, socket.AF_UNIX)
+        e.read_at_accept(s, None, socket.AF_UNIX)
         assert s.fileno() == -1 and read_to_eof(b) == b""
         assert log_since(h, start) == ["error in write, errno=32: Broken pipe"]
 
         want = new_connection(h, ASKED[0], False, True)[0]
         s, b = flaky_pair(ASKED[0], short_send=True)
-        e.accepted(s, None, socket.AF_UNIX)
+        e.read_at_accept(s, None, socket.AF_UNIX)
         conn = e.conns[s.fileno()]
         assert conn.state is epmd.REPLYING and conn.out == want[3:] and s.fileno() in e.pending
         s.short_send = False
