@@ -821,6 +821,7 @@ class SystemdStandIn:
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(self.notify_path)
         self.store = []             # [(name, fd)] in the order stored
+        self.named = {}             # name -> [(name, fd)], and fd -> (name, fd)
         self.messages = []
         self.lock = threading.Lock()
         self.proc = None
@@ -833,21 +834,41 @@ class SystemdStandIn:
 
     # the notify socket and the store
     def _serve(self):
+        # One epoll for the notify socket and every stored descriptor (each
+        # watched for nothing: EPOLLHUP and EPOLLERR are always reported),
+        # kept up to date as entries come and go, so a message costs the
+        # same however full the store is, as in systemd.
         import select
+        self.epoll = select.epoll()
+        self.epoll.register(self.notify, select.EPOLLIN)
         while not self._stop.is_set():
-            poller = select.poll()
-            poller.register(self.notify, select.POLLIN)
-            with self.lock:
-                for _, fd in self.store:
-                    poller.register(fd, 0)      # POLLHUP/POLLERR are always reported
-            for fd, ev in poller.poll(100):
+            for fd, ev in self.epoll.poll(0.1):
                 if fd == self.notify.fileno():
                     self._receive()
-                elif ev & (select.POLLHUP | select.POLLERR):
+                elif ev & (select.EPOLLHUP | select.EPOLLERR):
                     with self.lock:
-                        for entry in [e for e in self.store if e[1] == fd]:
-                            self.store.remove(entry)
-                            os.close(fd)
+                        if fd in self.named:
+                            self._drop(self.named[fd])
+        self.epoll.close()
+
+    def _keep(self, entry):
+        self.store.append(entry)
+        self.named.setdefault(entry[0], []).append(entry)
+        self.named[entry[1]] = entry
+        try:
+            self.epoll.register(entry[1], 0)
+        except (OSError, ValueError):       # the same file twice: watched once
+            pass
+
+    def _drop(self, entry):
+        self.store.remove(entry)
+        self.named[entry[0]].remove(entry)
+        del self.named[entry[1]]
+        try:
+            self.epoll.unregister(entry[1])
+        except (OSError, ValueError, KeyError):
+            pass
+        os.close(entry[1])
 
     def _receive(self):
         import array
@@ -866,15 +887,14 @@ class SystemdStandIn:
                 name = fields.get("FDNAME", "stored")
                 for fd in fds:
                     if len(self.store) < self.limit:
-                        self.store.append((name, fd))
+                        self._keep((name, fd))
                     else:
                         os.close(fd)
                 return
             if fields.get("FDSTOREREMOVE") == "1":
                 name = fields.get("FDNAME")
-                for entry in [e for e in self.store if e[0] == name]:
-                    self.store.remove(entry)
-                    os.close(entry[1])
+                for entry in list(self.named.get(name, ())):
+                    self._drop(entry)
         for fd in fds:                      # not for the store: dropped
             os.close(fd)
 
@@ -928,6 +948,7 @@ class SystemdStandIn:
             for _, fd in self.store:
                 os.close(fd)
             self.store = []
+            self.named = {}
         self.notify.close()
         self.listener.close()
         self._err.close()
