@@ -653,36 +653,9 @@ class NodeTable:
         """
         log = self.log
         name = req.name
-        nlen = len(name)
-        nchars = verify_utf8(name) if nlen <= MAXSYMLEN else 0
-        if nlen > MAXSYMLEN or nchars > MAX_NAME_CHARS:
-            log.dbg_printf(0, "node name is too long (%d) %s", nlen, name)
+        if self.refused(req):
             return None
-        if nchars < 0:
-            log.dbg_printf(0, "invalid node name encoding")
-            return None
-        if len(req.extra) > MAXSYMLEN:
-            log.dbg_printf(0, "extra data is too long (%d) %s", len(req.extra),
-                           req.extra.split(b"\0", 1)[0])
-            return None
-        if nlen == 0:  # D10: OTP registers "" and can never find it again
-            log.dbg_printf(0, "node name is empty in ALIVE2_REQ")
-            return None
-        if name in self.reg:
-            log.dbg_printf(0, "node name already occupied %s", name)
-            return None
-        dropped = name              # from the unreg list, if there
-        node = self.unreg.pop(name, None)
-        if node is not None:
-            log.dbg_tty_printf(1, "reusing slot with same name '%s'", name)
-            node.cr_counter = bump_creation(node.cr_counter)
-        elif len(self.unreg) > self.max_unreg:
-            dropped = next(iter(self.unreg))
-            node = self.unreg.pop(dropped)
-            node.name = name
-        else:
-            dropped = None
-            node = Node(name, bump_creation(int(self.current_time()) & CREATION_MASK))
+        node, dropped = self.slot_for(name)
         node.fd = conn.fd
         node.conn = conn
         conn.node = node
@@ -704,6 +677,45 @@ class NodeTable:
                                req.nodetype, req.protocol, req.highvsn, req.lowvsn)
         self.print_names()
         return node
+
+    def refused(self, req):
+        """node_reg2's checks, in OTP's order: True (the reason logged at
+        level 0) when *req* cannot be registered."""
+        log = self.log
+        name = req.name
+        nlen = len(name)
+        nchars = verify_utf8(name) if nlen <= MAXSYMLEN else 0
+        if nlen > MAXSYMLEN or nchars > MAX_NAME_CHARS:
+            log.dbg_printf(0, "node name is too long (%d) %s", nlen, name)
+        elif nchars < 0:
+            log.dbg_printf(0, "invalid node name encoding")
+        elif len(req.extra) > MAXSYMLEN:
+            log.dbg_printf(0, "extra data is too long (%d) %s", len(req.extra),
+                           req.extra.split(b"\0", 1)[0])
+        elif nlen == 0:  # D10: OTP registers "" and can never find it again
+            log.dbg_printf(0, "node name is empty in ALIVE2_REQ")
+        elif name in self.reg:
+            log.dbg_printf(0, "node name already occupied %s", name)
+        else:
+            return False
+        return True
+
+    def slot_for(self, name):
+        """node_reg2's choice of a Node for *name*: its entry on the unreg
+        list (counter bumped), else the oldest entry when the list is full
+        (OTP's steal), else a new one from the clock.  Returns (node, the
+        name taken off the unreg list or None)."""
+        node = self.unreg.pop(name, None)
+        if node is not None:
+            self.log.dbg_tty_printf(1, "reusing slot with same name '%s'", name)
+            node.cr_counter = bump_creation(node.cr_counter)
+            return node, name
+        if len(self.unreg) > self.max_unreg:
+            dropped = next(iter(self.unreg))
+            node = self.unreg.pop(dropped)
+            node.name = name
+            return node, dropped
+        return Node(name, bump_creation(int(self.current_time()) & CREATION_MASK)), None
 
     def current_time(self):
         """Return the clock (seconds), logged at level 3.  Source: current_time."""
@@ -1015,6 +1027,31 @@ WILDCARD = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
 NO_SUCH_ADDRESS = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT)
 
 
+def parse_listed(tokens):
+    """parse_addresses' reading of each address *token*: a list of (family,
+    canonical text, token).  Raises StartupError for one that is not IPv6
+    or IPv4 literal text, or (D18) listed twice or covered by a listed
+    wildcard of its family."""
+    listed = []
+    for tok in tokens:
+        for family in (socket.AF_INET6, socket.AF_INET):
+            try:
+                packed = socket.inet_pton(family, tok)
+            except (OSError, ValueError):
+                continue
+            break
+        else:
+            raise StartupError('cannot parse IP address "%s"' % tok)
+        canon = socket.inet_ntop(family, packed)
+        for fam, other, otok in listed:
+            if fam == family and (other == canon or WILDCARD[family] in (other, canon)):
+                raise StartupError('IP address "%s" is listed twice (as "%s")' % (tok, otok)
+                                   if other == canon else
+                                   'IP address "%s" overlaps "%s"' % (tok, otok))
+        listed.append((family, canon, tok))
+    return listed
+
+
 def parse_addresses(spec):
     """Return the ListenAddress entries to listen on for -address *spec*.
 
@@ -1037,23 +1074,7 @@ def parse_addresses(spec):
     if not tokens:
         return [ListenAddress(socket.AF_INET, WILDCARD[socket.AF_INET]),
                 ListenAddress(socket.AF_INET6, WILDCARD[socket.AF_INET6])]
-    listed = []                         # (family, canonical text, token)
-    for tok in tokens:
-        for family in (socket.AF_INET6, socket.AF_INET):
-            try:
-                packed = socket.inet_pton(family, tok)
-            except (OSError, ValueError):
-                continue
-            break
-        else:
-            raise StartupError('cannot parse IP address "%s"' % tok)
-        canon = socket.inet_ntop(family, packed)
-        for fam, other, otok in listed:
-            if fam == family and (other == canon or WILDCARD[family] in (other, canon)):
-                raise StartupError('IP address "%s" is listed twice (as "%s")' % (tok, otok)
-                                   if other == canon else
-                                   'IP address "%s" overlaps "%s"' % (tok, otok))
-        listed.append((family, canon, tok))
+    listed = parse_listed(tokens)       # (family, canonical text, token)
     # as OTP 25: two loopback sockets and at most 13 other addresses
     others = sum(1 for f, c, _ in listed if c != LOOPBACK[f])
     if others > MAX_LISTEN_SOCKETS - 3:
@@ -1070,6 +1091,42 @@ def parse_addresses(spec):
     return result
 
 
+def open_listen_socket(family, addr, implicit, port, log, socks):
+    """open_listen_sockets' socket for one address: bound and listening, or
+    None for a loopback address this host lacks (logged); *socks* are the
+    ones opened before (ours, when the port turns out to be in use)."""
+    optional = implicit or addr == LOOPBACK.get(family)
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as e:
+        if e.errno in NO_SUCH_ADDRESS:
+            log.dbg_printf(0, "skipping ipaddr %s: %s", addr, e.strerror)
+            return None
+        raise StartupError("error opening stream socket: %s" % e.strerror) from e
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setblocking(False)
+        sock.bind((addr, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            # D18: only an epmd on the port is "already running"
+            check_port_holders(family, addr, port, socks)
+        msg = "failed to bind on ipaddr %s: %s" % (addr, e.strerror)
+        if not (optional and e.errno in NO_SUCH_ADDRESS):
+            raise StartupError(msg) from e
+        log.dbg_printf(0, "%s", msg)     # as OTP's line; the start goes on
+        return None
+    try:
+        sock.listen(socket.SOMAXCONN)
+    except OSError as e:
+        sock.close()
+        raise StartupError("failed to listen on ipaddr %s: %s" % (addr, e.strerror)) from e
+    return sock
+
+
 def open_listen_sockets(addresses, port, log):
     """Bind and listen on each ListenAddress of *addresses* at *port*.
 
@@ -1084,36 +1141,9 @@ def open_listen_sockets(addresses, port, log):
     socks = []
     try:
         for family, addr, implicit in addresses:
-            optional = implicit or addr == LOOPBACK.get(family)
-            try:
-                sock = socket.socket(family, socket.SOCK_STREAM)
-            except OSError as e:
-                if e.errno in NO_SUCH_ADDRESS:
-                    log.dbg_printf(0, "skipping ipaddr %s: %s", addr, e.strerror)
-                    continue
-                raise StartupError("error opening stream socket: %s" % e.strerror) from e
-            try:
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.setblocking(False)
-                sock.bind((addr, port))
-            except OSError as e:
-                sock.close()
-                if e.errno == errno.EADDRINUSE:
-                    # D18: only an epmd on the port is "already running"
-                    check_port_holders(family, addr, port, socks)
-                msg = "failed to bind on ipaddr %s: %s" % (addr, e.strerror)
-                if not (optional and e.errno in NO_SUCH_ADDRESS):
-                    raise StartupError(msg) from e
-                log.dbg_printf(0, "%s", msg)     # as OTP's line; the start goes on
-                continue
-            try:
-                sock.listen(socket.SOMAXCONN)
-            except OSError as e:
-                sock.close()
-                raise StartupError("failed to listen on ipaddr %s: %s" % (addr, e.strerror)) from e
-            socks.append(sock)
+            sock = open_listen_socket(family, addr, implicit, port, log, socks)
+            if sock is not None:
+                socks.append(sock)
         if not socks:
             raise StartupError("unable to bind any address")
     except BaseException:
@@ -1230,6 +1260,29 @@ def sock_diag_port_filter(port):
             + INET_DIAG_BC_OP.pack(0, 0, port))
 
 
+def sock_diag_dump_request(family, states, port=None):
+    """The netlink message of sock_diag_dump (see there) for *family*,
+    *states* and, if not None, *port*."""
+    body = (INET_DIAG_REQ_V2.pack(family, socket.IPPROTO_TCP, 0, states)
+            + INET_DIAG_SOCKID.pack(0, 0, b"", b"")
+            + INET_DIAG_SOCKID_TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE))
+    if port is not None:
+        bc = sock_diag_port_filter(port)
+        body += NLA_HDR.pack(NLA_HDR.size + len(bc), INET_DIAG_REQ_BYTECODE) + bc
+    return NLMSG_HDR.pack(NLMSG_HDR.size + len(body), SOCK_DIAG_BY_FAMILY,
+                          NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body
+
+
+def diag_row(data, start, addr_len):
+    """sock_diag_dump's tuple for the inet_diag_msg at *start* of *data*
+    (addresses of *addr_len* bytes)."""
+    fam, state, _, _ = INET_DIAG_MSG_HEAD.unpack_from(data, start)
+    sport, dport, src, dst = INET_DIAG_SOCKID.unpack_from(data, start + INET_DIAG_MSG_HEAD.size)
+    _, rq, wq, uid, inode = INET_DIAG_MSG_QUEUES.unpack_from(data, start + INET_DIAG_MSG_QUEUES_OFFSET)
+    return (fam, socket.inet_ntop(fam, src[:addr_len]), sport,
+            socket.inet_ntop(fam, dst[:addr_len]), dport, state, uid, inode, rq, wq)
+
+
 def sock_diag_dump(family, states, port=None, timeout=SOCK_DIAG_TIMEOUT):
     """Ask the kernel for the TCP sockets of *family* in this network
     namespace whose state is in *states* (a bit mask: 1 << TCP_LISTEN, ...)
@@ -1256,18 +1309,10 @@ def sock_diag_dump(family, states, port=None, timeout=SOCK_DIAG_TIMEOUT):
     af_netlink = getattr(socket, "AF_NETLINK", None)
     if af_netlink is None:
         raise OSError(errno.EAFNOSUPPORT, "no netlink sockets here")
-    body = (INET_DIAG_REQ_V2.pack(family, socket.IPPROTO_TCP, 0, states)
-            + INET_DIAG_SOCKID.pack(0, 0, b"", b"")
-            + INET_DIAG_SOCKID_TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE))
-    if port is not None:
-        bc = sock_diag_port_filter(port)
-        body += NLA_HDR.pack(NLA_HDR.size + len(bc), INET_DIAG_REQ_BYTECODE) + bc
-    msg = NLMSG_HDR.pack(NLMSG_HDR.size + len(body), SOCK_DIAG_BY_FAMILY,
-                         NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body
     addr_len = 4 if family == socket.AF_INET else 16
     with socket.socket(af_netlink, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as nl:
         nl.settimeout(timeout)
-        nl.sendto(msg, (0, 0))
+        nl.sendto(sock_diag_dump_request(family, states, port), (0, 0))
         while True:
             data = nl.recv(NETLINK_DUMP_READ_SIZE)
             if not data:
@@ -1286,12 +1331,7 @@ def sock_diag_dump(family, states, port=None, timeout=SOCK_DIAG_TIMEOUT):
                     raise OSError(err, "sock_diag: %s" % os.strerror(err))
                 if mtype != SOCK_DIAG_BY_FAMILY or length < NLMSG_HDR.size + INET_DIAG_MSG_UID_OFFSET + 8:
                     continue
-                fam, state, _, _ = INET_DIAG_MSG_HEAD.unpack_from(data, start)
-                sport, dport, src, dst = INET_DIAG_SOCKID.unpack_from(data, start + INET_DIAG_MSG_HEAD.size)
-                _, rq, wq, uid, inode = INET_DIAG_MSG_QUEUES.unpack_from(
-                    data, start + INET_DIAG_MSG_QUEUES_OFFSET)
-                yield (fam, socket.inet_ntop(fam, src[:addr_len]), sport,
-                       socket.inet_ntop(fam, dst[:addr_len]), dport, state, uid, inode, rq, wq)
+                yield diag_row(data, start, addr_len)
 
 
 Listener = collections.namedtuple("Listener", "family address port uid inode queued backlog")
@@ -1409,6 +1449,33 @@ def is_names_reply(data, port):
     return all(line.startswith(b"name ") and b" at port " in line for line in lines[:-1])
 
 
+def port_holders(family, addr, port, ours, deadline):
+    """check_port_holders' list of who holds the port: [(family, address,
+    uid or None)] of the listening sockets on *port* whose address
+    conflicts with (*family*, *addr*), but for our own sockets *ours*;
+    looked for again until *deadline* (time.monotonic()) while there is
+    none.  [(family, addr, None)] where no list can be read.  Raises
+    StartupError when nothing listens by the deadline."""
+    own = set()
+    for s in ours:
+        try:
+            own.add(os.fstat(s.fileno()).st_ino)
+        except OSError:
+            pass
+    while True:
+        listeners = proc_net_listeners(port)
+        if listeners is None:
+            return [(family, addr, None)]
+        holders = [(hf, ha, uid) for hf, ha, uid, inode in listeners
+                   if inode not in own and conflicts(family, addr, hf, ha)]
+        if holders:
+            return holders
+        if time.monotonic() >= deadline:
+            raise StartupError("cannot listen on ipaddr %s port %d: in use by a socket that "
+                               "does not listen" % (addr, port))
+        time.sleep(PROBE_RETRY)
+
+
 def check_port_holders(family, addr, port, ours=()):
     """EADDRINUSE on (*family*, *addr*, *port*): find who holds the port and
     raise AlreadyRunning if every holder answers as an epmd, StartupError
@@ -1427,27 +1494,9 @@ def check_port_holders(family, addr, port, ours=()):
     for the answers (at most 2.5 s in all).
     D18: OTP exits 0 whoever holds the port.
     """
-    own = set()
-    for s in ours:
-        try:
-            own.add(os.fstat(s.fileno()).st_ino)
-        except OSError:
-            pass
     where = "ipaddr %s port %d" % (addr, port)
     deadline = time.monotonic() + PROBE_TIMEOUT
-    while True:
-        listeners = proc_net_listeners(port)
-        if listeners is None:
-            holders = [(family, addr, None)]
-            break
-        holders = [(hf, ha, uid) for hf, ha, uid, inode in listeners
-                   if inode not in own and conflicts(family, addr, hf, ha)]
-        if holders:
-            break
-        if time.monotonic() >= deadline:
-            raise StartupError("cannot listen on %s: in use by a socket that does not listen"
-                               % where)
-        time.sleep(PROBE_RETRY)
+    holders = port_holders(family, addr, port, ours, deadline)
     deadline = max(deadline, time.monotonic() + PROBE_MIN)
     asked = {}                          # target address -> it answered as an epmd
     for hfamily, haddr, uid in holders:
@@ -2314,6 +2363,18 @@ class Handover:
             return
         if self.systemd:
             sd_notify(SD_RELOADING % (time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
+        self.exec_image(argv, cwd, checked)
+        # still here: execve failed (logged); the old image keeps serving
+        if self.systemd:
+            sd_notify(SD_READY % os.getpid())
+
+    def exec_image(self, argv, cwd, checked):
+        """The point of no return of reexec: the state into a memfd, every
+        descriptor to hand over made inheritable, $EPMD_PY_HANDOVER set,
+        *checked* files still the same, then execve(*argv*) in *cwd*.
+        Returns only when that failed (logged), with every descriptor as it
+        was."""
+        log = self.log
         state = self.handover_state()
         listen = [ls.fileno() for ls in self.listeners]
         conn_fds = [c["fd"] for c in state["conns"]]
@@ -2352,8 +2413,6 @@ class Handover:
                     pass
             if state_fd >= 0:
                 os.close(state_fd)
-            if self.systemd:
-                sd_notify(SD_READY % os.getpid())
 
     def fdstore_sync(self):
         """Bring systemd's fd store up to date with the changes of the node
@@ -3068,17 +3127,20 @@ class Epmd(Handover):
     Methods by role (C counterparts in epmd_srv.c unless said):
 
     - start-up: bind (the part of run before the loop), conn_limit
-    - the loop: run, handle (one connection's events), first_read (a new
+    - the loop: run, start_loop (the part of run before its loop), handle
+      (one connection's events), first_read (a new
       connection's), internal_error
       (what handle does when handling fails), check_timeouts
       (the end of run's loop), clock, epmd_cleanup_exit (epmd.c)
-    - accepting: do_accept, read_at_accept (a guard in front of conn_open:
+    - accepting: do_accept, accept_failed, read_at_accept (a guard in
+      front of conn_open:
       a new connection's first read at level 0), has_room (the one test of
       room in the connection table), conn_open, shed_connection,
       pause_accept and resume_accept (D2), open_spare
     - connection state: set_state (the one place a state changes), watch,
       unwatch, epmd_conn_close, drop (node_unreg_sock + epmd_conn_close)
-    - requests: do_read, do_request and one handler per request code
+    - requests: do_read, read_kept (a registered node's connection),
+      do_request and one handler per request code
       (do_alive2_req, do_port2_req, do_names_req, do_dump_req, do_kill_req,
       do_stop_req, in do_request's switch in C), refuse_remote,
       send_listing, reclaim (D28: the part of node_reg2 in OTP's fix of
@@ -3086,7 +3148,7 @@ class Epmd(Handover):
     - writing: reply, do_write, flush
     - hand-over (the Handover mixin, D16): install_reexec_signal,
       request_reexec (the SIGUSR2 handler), drain_wakeup, reexec_command,
-      reexec_check, reexec, handover_state, adopt_listeners (bind of a new
+      reexec_check, reexec, exec_image, handover_state, adopt_listeners (bind of a new
       image), handover_resume, restore_handover and conns_from_state (run
       of a new image), fdstore_sync (systemd's fd store)
     """
@@ -3198,18 +3260,7 @@ class Epmd(Handover):
         Source: OTP epmd_srv.c, run (the select loop).
         """
         log = self.log
-        self.sel = sel = selectors.DefaultSelector()
-        for ls in self.listeners:
-            sel.register(ls, EVENT_READ, None)
-            self.families[ls.fileno()] = int(ls.family)
-        self.open_spare()
-        self.handover_resume()
-        if self.fdstore is not None:
-            self.nodes.changes = []     # the store follows the table from now on
-            self.fdstore.stale = True   # first, the whole state of this image
-        if self.systemd:
-            sd_notify(SD_READY % os.getpid())
-        log.dbg_tty_printf(2, "entering the main select() loop")
+        sel = self.start_loop()
         tick = SHORT_IDLE_TIMEOUT if self.packet_timeout < IDLE_TIMEOUT else IDLE_TIMEOUT
         try:
             while True:
@@ -3245,6 +3296,24 @@ class Epmd(Handover):
             return e.code
         finally:
             self.epmd_cleanup_exit()
+
+    def start_loop(self):
+        """What run does before its loop: the selector with the listeners,
+        the spare descriptor (D2), what a previous image handed over, the
+        fd store's journal, READY=1 to systemd.  Returns the selector."""
+        self.sel = sel = selectors.DefaultSelector()
+        for ls in self.listeners:
+            sel.register(ls, EVENT_READ, None)
+            self.families[ls.fileno()] = int(ls.family)
+        self.open_spare()
+        self.handover_resume()
+        if self.fdstore is not None:
+            self.nodes.changes = []     # the store follows the table from now on
+            self.fdstore.stale = True   # first, the whole state of this image
+        if self.systemd:
+            sd_notify(SD_READY % os.getpid())
+        self.log.dbg_tty_printf(2, "entering the main select() loop")
+        return sel
 
     def handle(self, conn, mask):
         """Write and/or read *conn*, a connection the selector watches, as
@@ -3360,28 +3429,25 @@ class Epmd(Handover):
         EINTR are ignored.  D2: EMFILE/ENFILE do not stop the daemon (OTP
         exits 1): the spare descriptor is freed to accept and close the
         oldest waiting connection, and the listeners rest for ACCEPT_PAUSE
-        seconds so the loop does not spin.
+        seconds so the loop does not spin.  The new connection goes, at
+        level 0, through read_at_accept first (it may answer it outright),
+        then conn_open and first_read; any error closes it only, and is
+        logged with a traceback.
+
+        lsock.accept() costs more CPU than the rest of the accept (the
+        conversions of family and type to enums, the Python-level socket
+        class): the socket module's own _accept (there since Python 3.3)
+        gives the descriptor, made into the plain C socket type, whose
+        recv, send and close need no Python frames.
         Source: OTP epmd_srv.c, do_accept.
         """
         try:
-            # lsock.accept() minus what costs more CPU than the rest of the
-            # accept: the conversions of family and type to enums, and the
-            # Python-level socket class.  The socket module's own _accept
-            # (there since Python 3.3) gives the descriptor, made into the
-            # plain C socket type, whose recv, send and close need no
-            # Python frames.
             fd, addr = lsock._accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
         except OSError as e:
-            self.log.dbg_perror(e, "error in accept")
-            if e.errno in (errno.EMFILE, errno.ENFILE):
-                self.shed_connection(lsock)
-            self.pause_accept()
+            self.accept_failed(lsock, e)
             return
-        # The new connection: at level 0 read_at_accept first (it may
-        # answer it outright), then conn_open and first_read.  Any error
-        # closes this connection only, and is logged with a traceback.
         sock = socket.SocketType(family, SOCK_STREAM, 0, fd)
         conn = None
         try:
@@ -3452,6 +3518,15 @@ class Epmd(Handover):
             conn.out = resp[sent:]
             self.set_state(conn, REPLYING)
         return ANSWERED
+
+    def accept_failed(self, lsock, err):
+        """accept() on *lsock* failed with OSError *err*: log it; D2: on
+        EMFILE/ENFILE shed the oldest waiting connection; rest the
+        listeners (pause_accept) so the loop does not spin."""
+        self.log.dbg_perror(err, "error in accept")
+        if err.errno in (errno.EMFILE, errno.ENFILE):
+            self.shed_connection(lsock)
+        self.pause_accept()
 
     def shed_connection(self, lsock):
         """Accept and close one waiting connection using the spare fd (D2)."""
@@ -3591,32 +3666,22 @@ class Epmd(Handover):
     # -- reading ------------------------------------------------------------
 
     def do_read(self, conn, data=None):
+        # Over 50 lines on purpose: every request but an answered-before
+        # PORT_PLEASE2_REQ goes through here, and a call more per request
+        # costs about 1.5% of it (callgrind).
         """Read what *conn* has (or take *data*, read already: b"" at end of
         file); run the request once the packet is complete.
 
-        A KEPT connection that becomes readable, whether by EOF, an error
-        or any data, unregisters its node and is closed.  Otherwise the
-        read is limited to the rest of the packet, and EOF before its end,
-        L of 0 or over MAX_PACKET_LEN, and more bytes than the packet all
-        close the connection without a reply.  After the request, the
-        connection is KEPT (a registered node), REPLYING (its reply is not
-        all written) or closed.  Source: OTP epmd_srv.c, do_read.
+        A KEPT connection goes to read_kept.  Otherwise the read is limited
+        to the rest of the packet, and EOF before its end, L of 0 or over
+        MAX_PACKET_LEN, and more bytes than the packet all close the
+        connection without a reply.  After the request, the connection is
+        KEPT (a registered node), REPLYING (its reply is not all written)
+        or closed.  Source: OTP epmd_srv.c, do_read.
         """
         log = self.log
         if conn.state is KEPT:
-            try:
-                data = conn.sock.recv(INBUF_SIZE, DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                log.dbg_tty_printf(1, "error on ALIVE socket %d (%d; errno=0x%x)",
-                                   conn.fd, -1, e.errno or 0)
-                data = None
-            if data:
-                log.dbg_tty_printf(1, "got more than expected on ALIVE socket %d (%d)",
-                                   conn.fd, len(data))
-                log.dbg_print_buf(data)
-            self.drop(conn)
+            self.read_kept(conn)
             return
         if data is None:
             try:
@@ -3655,6 +3720,26 @@ class Epmd(Handover):
             log.dbg_printf(0, "got %d bytes in packet, expected %d",
                            conn.got - HEADER_LEN, conn.want - HEADER_LEN)
             self.epmd_conn_close(conn)
+
+    def read_kept(self, conn):
+        """A registered node's connection (KEPT) became readable: whether by
+        EOF, an error or any data, its node is unregistered and it is
+        closed; nothing to read yet (EAGAIN) leaves it as it is (reclaim
+        relies on that).  Source: OTP epmd_srv.c, do_read (its keep part)."""
+        log = self.log
+        try:
+            data = conn.sock.recv(INBUF_SIZE, DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            log.dbg_tty_printf(1, "error on ALIVE socket %d (%d; errno=0x%x)",
+                               conn.fd, -1, e.errno or 0)
+            data = None
+        if data:
+            log.dbg_tty_printf(1, "got more than expected on ALIVE socket %d (%d)",
+                               conn.fd, len(data))
+            log.dbg_print_buf(data)
+        self.drop(conn)
 
     # -- requests -----------------------------------------------------------
 
@@ -3723,7 +3808,7 @@ class Epmd(Handover):
         """D28: an ALIVE2_REQ asks for the name of *node*, a registered
         node: if the connection that holds it is readable (EOF, a reset, an
         error or any bytes, each of which ends a registration) handle that
-        now, exactly as the loop would have (do_read of a KEPT connection:
+        now, exactly as the loop would have (read_kept:
         the node is unregistered, its connection closed, the same log
         lines), so the name is free for the request.  A silent, live
         holder is left as it is (the recv finds nothing: EAGAIN), and the
@@ -3736,7 +3821,7 @@ class Epmd(Handover):
         """
         conn = node.conn
         if conn is not None and conn.state is KEPT:
-            self.do_read(conn)
+            self.read_kept(conn)
 
     def do_port2_req(self, conn, payload):
         """PORT_PLEASE2_REQ: answer PORT2_RESP with the node's fields, or
@@ -4271,6 +4356,8 @@ def not_answering_why(port, answer, why, timeout, on_loopback):
 
 
 def epmd_status(port, timeout=STATUS_ANSWER_TIMEOUT):
+    # Over 50 lines by its docstring alone: the JSON that -status -json
+    # prints is described where it is made.
     """Gather what -status shows, as the dict -status -json prints:
 
         port        the port asked (int)
@@ -4332,23 +4419,34 @@ def epmd_status(port, timeout=STATUS_ANSWER_TIMEOUT):
                  "to see every PID"
     status["pids_hidden"] = hidden is not None
     status["pids_hidden_why"] = hidden
-    for ls in own:
-        p, cmd = _status_procs(pids, (ls.inode,))
-        status["listeners"].append({"address": ls.address, "port": port, "pids": p,
-                                    "command": cmd, "queued": ls.queued, "family": "ipv6"
-                                    if ls.family == socket.AF_INET6 else "ipv4"})
-    for name, nport in names:
-        nodetype = None
-        resp, _ = _ask(port, bytes((PORT_PLEASE2_REQ,)) + name, timeout)
-        if resp and len(resp) >= PORT2_RESP_FIXED.size and resp[1] == RESULT_OK:
-            nodetype = PORT2_RESP_FIXED.unpack_from(resp)[3]
-        p, cmd = _status_procs(pids, [ls.inode for ls in listening if ls.port == nport])
-        connect = port_accepts(nport)
-        status["names"].append({
-            "name": text(name), "port": nport, "nodetype": nodetype,
-            "type": None if nodetype is None else NODE_TYPES.get(nodetype, "type %d" % nodetype),
-            "pids": p, "command": cmd, "connect": connect, "accepts": connect == "accepts"})
+    status["listeners"] = [status_of_listener(port, ls, pids) for ls in own]
+    status["names"] = [status_of_name(port, name, nport, timeout, pids, listening)
+                       for name, nport in names]
     return status
+
+
+def status_of_listener(port, ls, pids):
+    """epmd_status' object for the listening socket *ls* (a Listener) on
+    *port*, its processes found in *pids* ({inode: pids})."""
+    p, cmd = _status_procs(pids, (ls.inode,))
+    return {"address": ls.address, "port": port, "pids": p, "command": cmd,
+            "queued": ls.queued, "family": "ipv6" if ls.family == socket.AF_INET6 else "ipv4"}
+
+
+def status_of_name(port, name, nport, timeout, pids, listening):
+    """epmd_status' object for the registered *name* at distribution port
+    *nport* (see there): its node type asked of the epmd on *port*, the
+    processes among *pids* ({inode: pids}) listening on *nport* in
+    *listening*, and whether that port accepts a connection."""
+    nodetype = None
+    resp, _ = _ask(port, bytes((PORT_PLEASE2_REQ,)) + name, timeout)
+    if resp and len(resp) >= PORT2_RESP_FIXED.size and resp[1] == RESULT_OK:
+        nodetype = PORT2_RESP_FIXED.unpack_from(resp)[3]
+    p, cmd = _status_procs(pids, [ls.inode for ls in listening if ls.port == nport])
+    connect = port_accepts(nport)
+    return {"name": text(name), "port": nport, "nodetype": nodetype,
+            "type": None if nodetype is None else NODE_TYPES.get(nodetype, "type %d" % nodetype),
+            "pids": p, "command": cmd, "connect": connect, "accepts": connect == "accepts"}
 
 
 def _cut(s, limit=STATUS_COMMAND_MAX):
@@ -4617,6 +4715,40 @@ def did_you_mean(arg):
     return " (did you mean %s?)" % close[0] if close else ""
 
 
+def client_timeout_of(environ):
+    """The seconds $EPMD_PY_CLIENT_TIMEOUT gives (0: no limit), or None
+    when unset.  Raises UsageError for anything else."""
+    try:
+        return parse_client_timeout(environ.get(CLIENT_TIMEOUT_ENV))
+    except ValueError:
+        raise UsageError("invalid %s: %r (expected seconds >= 0; 0 waits for ever)"
+                         % (CLIENT_TIMEOUT_ENV, environ[CLIENT_TIMEOUT_ENV])) from None
+
+
+def take_flag(opts, flag, key, value):
+    """parse_args: set in *opts* what *flag* (its option *key*, with *value*
+    or None) says.  Raises UsageError for a bad value or a second client
+    action."""
+    if key == "debug":
+        opts["debug"] += 1
+    elif key == "port":
+        opts["port"] = parse_port(value, "for -port")
+        opts["port_given"] = True
+    elif key == "address":
+        opts["address"] = value
+    elif key in ("packet_timeout", "delay_accept", "delay_write"):
+        opts[key] = parse_seconds(flag, value)
+    elif key in ("daemon", "relaxed", "systemd", "json"):
+        opts[key] = True
+    else:
+        if opts["action"] is not None:
+            raise UsageError("only one of -names, -dump, -started, -kill, -stop, -status "
+                             "may be given")
+        opts["action"] = key
+        if key == "stop":
+            opts["stop_name"] = os.fsencode(value)
+
+
 def parse_args(argv, environ):
     """Parse the command line *argv* (without the program name).
 
@@ -4639,11 +4771,7 @@ def parse_args(argv, environ):
         "json": False, "client_timeout": CLIENT_TIMEOUT, "client_timeout_given": False,
     }
     env_port = environ.get("ERL_EPMD_PORT")
-    try:
-        secs = parse_client_timeout(environ.get(CLIENT_TIMEOUT_ENV))
-    except ValueError:
-        raise UsageError("invalid %s: %r (expected seconds >= 0; 0 waits for ever)"
-                         % (CLIENT_TIMEOUT_ENV, environ[CLIENT_TIMEOUT_ENV])) from None
+    secs = client_timeout_of(environ)
     if secs is not None:
         opts["client_timeout"] = secs
         opts["client_timeout_given"] = True
@@ -4664,24 +4792,7 @@ def parse_args(argv, environ):
             value = argv[i + 1]
             i += 1
         i += 1
-        if key == "debug":
-            opts["debug"] += 1
-        elif key == "port":
-            opts["port"] = parse_port(value, "for -port")
-            opts["port_given"] = True
-        elif key == "address":
-            opts["address"] = value
-        elif key in ("packet_timeout", "delay_accept", "delay_write"):
-            opts[key] = parse_seconds(arg, value)
-        elif key in ("daemon", "relaxed", "systemd", "json"):
-            opts[key] = True
-        else:
-            if opts["action"] is not None:
-                raise UsageError("only one of -names, -dump, -started, -kill, -stop, -status "
-                                 "may be given")
-            opts["action"] = key
-            if key == "stop":
-                opts["stop_name"] = os.fsencode(value)
+        take_flag(opts, arg, key, value)
     if not opts["port_given"] and env_port is not None:
         opts["port"] = parse_port(env_port, "in ERL_EPMD_PORT")
     return opts
@@ -4834,6 +4945,48 @@ def serve(epmd, ready=None):
     return code
 
 
+def detach(keep):
+    """run_daemon's child: a session of its own (setsid), SIGHUP ignored,
+    a second fork (the first child exits), cwd "/", umask 0, the standard
+    streams on /dev/null, and nothing inherited open but descriptor
+    *keep* (the pipe to the waiting caller)."""
+    os.setsid()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if os.fork() > 0:
+        os._exit(0)
+    os.chdir("/")
+    os.umask(0)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
+    os.closerange(3, keep)
+    os.closerange(keep + 1, MAX_INHERITED_FD)
+
+
+def daemon_verdict(pid, rfd):
+    """run_daemon's caller side: wait for the first child *pid*, read the
+    verdict the daemon writes to pipe *rfd* ("<exit status> <message>"),
+    print the message on stderr, return the status (1 if none came)."""
+    os.waitpid(pid, 0)
+    chunks = []
+    while True:
+        data = os.read(rfd, 4096)
+        if not data:
+            break
+        chunks.append(data)
+    os.close(rfd)
+    verdict = b"".join(chunks)
+    if not verdict:
+        sys.stderr.write("epmd: the daemon exited before binding\n")
+        return 1
+    code, _, msg = verdict.partition(b" ")
+    if msg:
+        sys.stderr.write("epmd: %s\n" % msg.decode("utf-8", "replace"))
+    return int(code)
+
+
 def run_daemon(epmd):
     """-daemon: detach, bind, and tell the waiting parent how binding went.
 
@@ -4851,22 +5004,7 @@ def run_daemon(epmd):
     pid = os.fork()
     if pid > 0:  # the caller: wait for the verdict
         os.close(wfd)
-        os.waitpid(pid, 0)
-        chunks = []
-        while True:
-            data = os.read(rfd, 4096)
-            if not data:
-                break
-            chunks.append(data)
-        os.close(rfd)
-        verdict = b"".join(chunks)
-        if not verdict:
-            sys.stderr.write("epmd: the daemon exited before binding\n")
-            return 1
-        code, _, msg = verdict.partition(b" ")
-        if msg:
-            sys.stderr.write("epmd: %s\n" % msg.decode("utf-8", "replace"))
-        return int(code)
+        return daemon_verdict(pid, rfd)
     sent = []
 
     def ready(code, msg):
@@ -4876,20 +5014,7 @@ def run_daemon(epmd):
 
     try:
         os.close(rfd)
-        os.setsid()
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        if os.fork() > 0:
-            os._exit(0)
-        os.chdir("/")
-        os.umask(0)
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        if null > 2:
-            os.close(null)
-        # nothing inherited stays open but the pipe to the waiting parent
-        os.closerange(3, wfd)
-        os.closerange(wfd + 1, MAX_INHERITED_FD)
+        detach(wfd)
         code = serve(epmd, ready)
         if not sent:
             os.close(wfd)
@@ -4902,6 +5027,25 @@ def run_daemon(epmd):
                 ready(1, "internal error in the daemon before it served: %r" % (e,))
         finally:
             os._exit(1)
+
+
+def client_action(action, opts):
+    """Run the client action *action* (-names, -dump, -started, -kill,
+    -stop, -status) with *opts*; return its exit status."""
+    port = opts["port"]
+    timeout = opts["client_timeout"]
+    if action == "names":
+        return epmd_call(port, NAMES_REQ, timeout=timeout)
+    if action == "dump":
+        return epmd_call(port, DUMP_REQ, timeout=timeout)
+    if action == "started":
+        return epmd_call(port, NAMES_REQ, silent=True, timeout=timeout)
+    if action == "kill":
+        return kill_epmd(port, timeout)
+    if action == "stop":
+        return stop_cli(port, opts["stop_name"], timeout)
+    return status_cli(port, opts["json"], timeout if opts["client_timeout_given"]
+                      else STATUS_ANSWER_TIMEOUT)
 
 
 def main(argv=None):
@@ -4920,23 +5064,17 @@ def main(argv=None):
         sys.stdout.flush()
         return 0
     set_process_name()
-    port = opts["port"]
     if opts["json"] and action != "status":
         return usage("-json goes with -status only")
-    timeout = opts["client_timeout"]
-    if action == "names":
-        return epmd_call(port, NAMES_REQ, timeout=timeout)
-    if action == "dump":
-        return epmd_call(port, DUMP_REQ, timeout=timeout)
-    if action == "started":
-        return epmd_call(port, NAMES_REQ, silent=True, timeout=timeout)
-    if action == "kill":
-        return kill_epmd(port, timeout)
-    if action == "stop":
-        return stop_cli(port, opts["stop_name"], timeout)
-    if action == "status":
-        return status_cli(port, opts["json"], timeout if opts["client_timeout_given"]
-                          else STATUS_ANSWER_TIMEOUT)
+    if action is not None:
+        return client_action(action, opts)
+    return daemon_main(opts, argv)
+
+
+def daemon_main(opts, argv):
+    """main for the daemon (no client action): a re-exec's trial run
+    (HANDOVER_CHECK_ENV), a new image taking a hand-over, -daemon, or the
+    foreground; returns the exit status."""
     if os.environ.get(HANDOVER_CHECK_ENV) == "1":
         # a re-exec's trial run (try_image): this image imports, takes the
         # command line, and reads this state format; nothing else is done

@@ -161,3 +161,20 @@ def test_epmd_docstring_indexes_every_method():
                 if not re.search(r"\b%s\b" % re.escape(item.name), roles):
                     missing.append("%s.%s" % (cls, item.name))
     assert not missing, "Epmd's docstring does not index: " + ", ".join(missing)
+
+
+MAX_FUNCTION_LINES = 50
+
+
+def test_no_long_function_without_a_reason():
+    """No function is over MAX_FUNCTION_LINES lines unless a comment in its
+    first lines says why it must be ("# Over 50 lines ...")."""
+    long_ones = []
+    for node in ast.walk(TREE):
+        if isinstance(node, ast.FunctionDef):
+            size = node.end_lineno - node.lineno + 1
+            head = LINES[node.lineno:node.lineno + 3]
+            if size > MAX_FUNCTION_LINES and not any(
+                    line.strip().startswith("# Over %d lines" % MAX_FUNCTION_LINES) for line in head):
+                long_ones.append("%s (line %d): %d lines" % (node.name, node.lineno, size))
+    assert not long_ones, "\n".join(long_ones)
