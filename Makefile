@@ -1,6 +1,8 @@
 # epmd.py: test, lint, man page, install.
 #
-#   make test                      run the tests (creates .venv)
+#   make test [TEST_JOBS=2]        run the tests (creates .venv), TEST_JOBS
+#                                  pytest-xdist workers side by side
+#                                  (TEST_JOBS=0: one process)
 #   make test-pythons              the wire, erl and client tests with epmd.py
 #                                  run by Python 3.8 and the newest Python 3
 #                                  found (tests/tools/pythons.py says which ran)
@@ -20,6 +22,10 @@ PYTHON ?= python3
 VENV ?= .venv
 VPY = $(VENV)/bin/python
 PYTEST_ARGS ?=
+# Two workers: this project's machines have two cores.  --dist loadgroup keeps
+# tests marked xdist_group on one worker; tests marked `alone` wait until
+# nothing else runs (tests/conftest.py).
+TEST_JOBS ?= 2
 
 PREFIX ?= /usr/local
 BINDIR ?= $(PREFIX)/bin
@@ -49,7 +55,7 @@ $(VENV)/.stamp: tests/requirements.txt
 	touch $@
 
 test: $(VENV)/.stamp
-	$(VPY) -m pytest $(PYTEST_ARGS)
+	$(VPY) -m pytest -n $(TEST_JOBS) --dist loadgroup $(PYTEST_ARGS)
 
 test-pythons: $(VENV)/.stamp
 	$(VPY) -m tests.tools.pythons $(PYTEST_ARGS)

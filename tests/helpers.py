@@ -90,11 +90,29 @@ def _bindable(family, host, port, reuse=False):
         s.close()
 
 
+def _worker_slice(low, high):
+    """The part of [low, high) that is this pytest-xdist worker's own
+    ($PYTEST_XDIST_WORKER gwN of $PYTEST_XDIST_WORKER_COUNT), or all of it
+    outside xdist: two workers never draw the same value."""
+    try:
+        i = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
+        n = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    except ValueError:
+        i, n = 0, 1
+    if n <= 1 or not 0 <= i < n:
+        return low, high
+    width = (high - low) // n
+    return low + i * width, low + (i + 1) * width
+
+
 def free_port():
     """A TCP port free on 127.0.0.1, ::1 and the wildcard addresses, below the
-    ephemeral range and never 4369."""
+    ephemeral range and never 4369.  Under pytest-xdist each worker draws from
+    its own slice of the range, so a port one worker has picked but not yet
+    bound is never handed to another."""
+    low, high = _worker_slice(20000, 32001)
     for _ in range(500):
-        port = random.randint(20000, 32000)
+        port = random.randint(low, high - 1)
         if port == 4369:
             continue
         if all(_bindable(f, h, port) for f, h in ((socket.AF_INET, "0.0.0.0"),
@@ -542,7 +560,8 @@ class NetNS:
     """
 
     def __init__(self):
-        self.n = random.randint(1, 250)
+        low, high = _worker_slice(1, 251)      # xdist workers: disjoint subnets
+        self.n = random.randint(low, high - 1)
         tag = "%d%03d" % (os.getpid() % 1000, self.n)
         self.name = "epmdt" + tag
         self.host_if, self.ns_if = "eph" + tag, "epn" + tag
