@@ -28,7 +28,6 @@ import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 
 from tests.helpers import (FORKER, HOLDER, answers_names, become_nobody, creation_of, frame, free_port,
