@@ -1,9 +1,11 @@
 # epmd.py: test, lint, man page, install.
 #
-#   make test                      run the tests (creates .venv)
+#   make test [TEST_JOBS=2]        run the tests (creates .venv), TEST_JOBS
+#                                  pytest-xdist workers side by side
+#                                  (TEST_JOBS=0: one process)
 #   make test-pythons              the wire, erl and client tests with epmd.py
 #                                  run by Python 3.8 and the newest Python 3
-#                                  found (tests/pythons.py says which ran)
+#                                  found (tests/tools/pythons.py says which ran)
 #   make lint                      ruff, mypy, and vermin proving Python 3.8 is enough
 #   make man                       regenerate man/epmd.1 from man/epmd.rst
 #   make soak                      long reliability runs (1M churn cycles, 1M fuzz packets)
@@ -20,6 +22,10 @@ PYTHON ?= python3
 VENV ?= .venv
 VPY = $(VENV)/bin/python
 PYTEST_ARGS ?=
+# Two workers: this project's machines have two cores.  --dist loadgroup keeps
+# tests marked xdist_group on one worker; tests marked `alone` wait until
+# nothing else runs (tests/conftest.py).
+TEST_JOBS ?= 2
 
 PREFIX ?= /usr/local
 BINDIR ?= $(PREFIX)/bin
@@ -49,10 +55,10 @@ $(VENV)/.stamp: tests/requirements.txt
 	touch $@
 
 test: $(VENV)/.stamp
-	$(VPY) -m pytest $(PYTEST_ARGS)
+	$(VPY) -m pytest -n $(TEST_JOBS) --dist loadgroup $(PYTEST_ARGS)
 
 test-pythons: $(VENV)/.stamp
-	$(VPY) tests/pythons.py $(PYTEST_ARGS)
+	$(VPY) -m tests.tools.pythons $(PYTEST_ARGS)
 
 $(VENV)/.lint-stamp: $(VENV)/.stamp
 	$(VPY) -m pip install -q $(LINT_DEPS)
@@ -64,10 +70,10 @@ lint: $(VENV)/.lint-stamp
 	$(VENV)/bin/vermin -t=3.8- --no-tips --violations --eval-annotations epmd.py man/build.py
 
 bench:
-	$(PYTHON) tests/bench.py $(BENCH_ARGS)
+	$(PYTHON) -m tests.tools.bench $(BENCH_ARGS)
 
 soak: $(VENV)/.stamp
-	$(VPY) tests/soak.py $(SOAK_ARGS)
+	$(VPY) -m tests.tools.soak $(SOAK_ARGS)
 
 man: $(VENV)/.stamp
 	$(VPY) man/build.py

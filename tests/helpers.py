@@ -90,11 +90,29 @@ def _bindable(family, host, port, reuse=False):
         s.close()
 
 
+def _worker_slice(low, high):
+    """The part of [low, high) that is this pytest-xdist worker's own
+    ($PYTEST_XDIST_WORKER gwN of $PYTEST_XDIST_WORKER_COUNT), or all of it
+    outside xdist: two workers never draw the same value."""
+    try:
+        i = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
+        n = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    except ValueError:
+        i, n = 0, 1
+    if n <= 1 or not 0 <= i < n:
+        return low, high
+    width = (high - low) // n
+    return low + i * width, low + (i + 1) * width
+
+
 def free_port():
     """A TCP port free on 127.0.0.1, ::1 and the wildcard addresses, below the
-    ephemeral range and never 4369."""
+    ephemeral range and never 4369.  Under pytest-xdist each worker draws from
+    its own slice of the range, so a port one worker has picked but not yet
+    bound is never handed to another."""
+    low, high = _worker_slice(20000, 32001)
     for _ in range(500):
-        port = random.randint(20000, 32000)
+        port = random.randint(low, high - 1)
         if port == 4369:
             continue
         if all(_bindable(f, h, port) for f, h in ((socket.AF_INET, "0.0.0.0"),
@@ -263,6 +281,17 @@ def wait_until(pred, timeout=5.0, step=0.02):
 
 # -- daemons ----------------------------------------------------------------
 
+def pin(cpu):
+    """Pin the calling process to *cpu* when this machine has more than one
+    (benchmarks keep the daemon and its load apart); no-op otherwise.  As a
+    Popen's preexec_fn: ``preexec_fn=lambda: pin(1)``."""
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        try:
+            os.sched_setaffinity(0, {cpu})
+        except OSError:
+            pass
+
+
 class Daemon:
     """One epmd process (ours or OTP's) started by a test, killed by PID."""
 
@@ -274,6 +303,7 @@ class Daemon:
         self.stderr_path = tmp / ("epmd-%s-%d-%d.err" % (impl, port, random.randint(0, 1 << 30)))
         self.proc = None
         self.nofile = None          # (soft, hard) RLIMIT_NOFILE for the daemon
+        self.cpu = None             # the CPU to pin the daemon to (benchmarks), see pin()
         self.exe = None             # interpreter and script to run instead of ours
 
     @property
@@ -288,12 +318,14 @@ class Daemon:
 
     def start(self, wait=True):
         self._err = open(self.stderr_path, "wb")
-        limit = self.nofile
+        limit, cpu = self.nofile, self.cpu
 
         def preexec():
             if limit:
                 import resource
                 resource.setrlimit(resource.RLIMIT_NOFILE, limit)
+            if cpu is not None:
+                pin(cpu)
         self.proc = subprocess.Popen(self.command(), env=self.env, stdin=subprocess.DEVNULL,
                                      stdout=self._err, stderr=self._err, close_fds=True,
                                      preexec_fn=preexec)
@@ -535,7 +567,8 @@ class NetNS:
     """
 
     def __init__(self):
-        self.n = random.randint(1, 250)
+        low, high = _worker_slice(1, 251)      # xdist workers: disjoint subnets
+        self.n = random.randint(low, high - 1)
         tag = "%d%03d" % (os.getpid() % 1000, self.n)
         self.name = "epmdt" + tag
         self.host_if, self.ns_if = "eph" + tag, "epn" + tag
@@ -1127,10 +1160,10 @@ def refusal_flood(port, rate, duration, names=10, fresh=False):
 def flood_process(port, rate, duration, names=10, fresh=False):
     """Run refusal_flood in a child process; return its Popen (stdout: the
     number of refusals).  The registrations it holds name its pid."""
-    code = ("import sys; sys.path.insert(0, %r); import helpers; "
-            "print(helpers.refusal_flood(%d, %r, %r, %d, %r))"
-            % (str(Path(__file__).resolve().parent), port, rate, duration, names, fresh))
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    code = ("from tests import helpers; print(helpers.refusal_flood(%d, %r, %r, %d, %r))"
+            % (port, rate, duration, names, fresh))
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            cwd=str(ROOT))
 
 
 def measure_refusal_latency(port, name, count, rate=100.0, settle=0.5, fresh=False,
@@ -1507,3 +1540,78 @@ def established_count():
             if line.startswith("TCP:"):
                 return int(line.split()[2])
     return 0
+
+
+# -- processes of another user, and many processes (tests/test_bounds.py and
+#    tests/tools/bounds_bench.py) ---------------------------------------------
+
+# A process that raises its descriptor limit, opens *count* descriptors, then
+# registers each of *names* in turn, printing HELD and holding it until a line
+# on stdin, then DONE.  argv: port count name...
+HOLDER = r"""
+import os, resource, socket, struct, sys, time
+port, count, names = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+count = min(count, hard - 100)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(count)]
+for name in names:
+    n = name.encode()
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(struct.pack(">H", 13 + len(n)) + struct.pack(">BHBBHHH", 120, 9000, 77, 0, 6, 5, len(n))
+              + n + b"\0\0")
+    assert s.recv(6)[:2] == b"v\0"
+    print("HELD", flush=True)
+    sys.stdin.readline()            # hold it until told
+    s.close()
+print("DONE", flush=True)
+"""
+
+# Forks argv[1] children that sleep, prints FORKED, and sleeps (kill its
+# process group).
+FORKER = r"""
+import os, signal, sys
+n = int(sys.argv[1])
+for _ in range(n):
+    if os.fork() == 0:
+        signal.pause()
+        os._exit(0)
+print("FORKED", flush=True)
+signal.pause()
+"""
+
+
+def become_nobody():
+    """preexec_fn: drop to user and group nobody (65534)."""
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+
+
+def nobody_command():
+    """(interpreter, copy of epmd.py) that user nobody may run, or None."""
+    import tempfile
+    where = tempfile.mkdtemp(prefix="epmd-nobody-")
+    os.chmod(where, 0o755)
+    script = os.path.join(where, "epmd.py")
+    shutil.copy(EPMD_PY, script)
+    os.chmod(script, 0o644)
+    for python in (os.path.realpath(sys.executable), "/usr/bin/python3"):
+        try:
+            r = subprocess.run([python, "-c", "pass"], preexec_fn=become_nobody, timeout=30,
+                               capture_output=True)
+        except OSError:
+            continue
+        if r.returncode == 0:
+            return python, script
+    return None
+
+
+def answers_names(port):
+    """True if an epmd on 127.0.0.1:*port* answers NAMES_REQ."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(frame(b"n"))
+            return len(s.recv(4)) == 4
+    except OSError:
+        return False

@@ -18,38 +18,25 @@ import time
 import pytest
 from helpers import (
     EPMD_PY,
+    FORKER,
+    HOLDER,
     U32,
     Daemon,
+    answers_names,
     base_env,
+    become_nobody,
     creation_of,
-    frame,
     free_port,
+    nobody_command,
     proc_rss_kb,
     register,
     wait_until,
 )
 
-pytestmark = pytest.mark.timeout(240)
-
-HOLDER = r"""
-import os, resource, socket, struct, sys, time
-port, count, names = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-count = min(count, hard - 100)
-resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(count)]
-for name in names:
-    n = name.encode()
-    s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(struct.pack(">H", 13 + len(n)) + struct.pack(">BHBBHHH", 120, 9000, 77, 0, 6, 5, len(n))
-              + n + b"\0\0")
-    assert s.recv(6)[:2] == b"v\0"
-    print("HELD", flush=True)
-    sys.stdin.readline()            # hold it until told
-    s.close()
-print("DONE", flush=True)
-"""
-
+# `alone` (tests/conftest.py): these load the whole host (a holder of 100,000
+# descriptors, 5,000 more processes, 20 listeners on one port) and compare
+# round trips and start-up time with a quiet host's.
+pytestmark = [pytest.mark.timeout(240), pytest.mark.alone]
 
 def refuse(port, name):
     t = time.perf_counter()
@@ -99,18 +86,6 @@ def test_refusals_against_a_holder_with_many_descriptors_keep_nothing(tmp_path):
         d.stop()
 
 
-FORKER = r"""
-import os, signal, sys
-n = int(sys.argv[1])
-for _ in range(n):
-    if os.fork() == 0:
-        signal.pause()
-        os._exit(0)
-print("FORKED", flush=True)
-signal.pause()
-"""
-
-
 def test_refusal_within_budget_with_many_unreadable_processes(tmp_path):
     """The daemon runs as nobody (as the shipped DynamicUser unit does); 5,000
     more processes of root (whose /proc/PID/fd nobody may read) run on the
@@ -130,7 +105,7 @@ def test_refusal_within_budget_with_many_unreadable_processes(tmp_path):
                             preexec_fn=become_nobody)
     forker = None
     try:
-        assert wait_until(lambda: _answers(port), 15)
+        assert wait_until(lambda: answers_names(port), 15)
 
         def round_trips(n, tag):
             # each refusal for a fresh registration: its search starts anew
@@ -161,39 +136,12 @@ def test_refusal_within_budget_with_many_unreadable_processes(tmp_path):
         proc.wait(10)
 
 
-def become_nobody():
-    os.setgroups([])
-    os.setgid(65534)
-    os.setuid(65534)
-
-
 def as_nobody_command():
     """(interpreter, copy of epmd.py) that user nobody may run, or skip."""
-    import shutil
-    import tempfile
-    where = tempfile.mkdtemp(prefix="epmd-nobody-")
-    os.chmod(where, 0o755)
-    script = os.path.join(where, "epmd.py")
-    shutil.copy(EPMD_PY, script)
-    os.chmod(script, 0o644)
-    for python in (os.path.realpath(sys.executable), "/usr/bin/python3"):
-        try:
-            r = subprocess.run([python, "-c", "pass"], preexec_fn=become_nobody, timeout=30,
-                               capture_output=True)
-        except OSError:
-            continue
-        if r.returncode == 0:
-            return python, script
-    pytest.skip("no Python interpreter that user nobody may run")
-
-
-def _answers(port):
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
-            s.sendall(frame(b"n"))
-            return len(s.recv(4)) == 4
-    except OSError:
-        return False
+    found = nobody_command()
+    if found is None:
+        pytest.skip("no Python interpreter that user nobody may run")
+    return found
 
 
 def test_start_up_probes_each_address_once_under_one_deadline(tmp_path):

@@ -668,13 +668,13 @@ def test_no_fdstore_without_fdstoremax(standin):
 
 
 def test_handover_bench_small():
-    """tests/handover_bench.py with small counts (the script's own checks give
+    """tests/tools/handover_bench.py with small counts (the script's own checks give
     its exit status: 0 failed lookups, NAMES and DUMP identical, impostors
     refused, no re-registration, all names back after kill -9)."""
     import subprocess
     args = ["--nodes", "20", "--erl", "0", "--rate", "100", "--reexecs", "3", "--flat", "5",
             "--pause", "0.1", "--window", "0.5"]
-    p = subprocess.run([sys.executable, str(EPMD_PY.parent / "tests" / "handover_bench.py")] + args,
+    p = subprocess.run([sys.executable, "-m", "tests.tools.handover_bench"] + args, cwd=str(EPMD_PY.parent),
                        capture_output=True, text=True, timeout=150, env=base_env())
     assert p.returncode == 0, p.stdout + p.stderr
     assert "NAMES and DUMP identical after       3 of 3 re-execs" in p.stdout, p.stdout

@@ -554,6 +554,9 @@ def test_proc_tcp_and_sock_diag_find_this_process():
             s.close()
 
 
+# alone (tests/conftest.py): compares PORT_PLEASE2 latency with and without a
+# flood of refusals; a test on the other worker would skew one side.
+@pytest.mark.alone
 def test_refusals_do_not_slow_lookups(start_ours):
     """PORT_PLEASE2 latency on a quiet daemon and while another process has
     duplicate registrations refused at 100/s (printed with -s; the full
@@ -635,6 +638,9 @@ def _best_of(fn, reps=5):
     return best
 
 
+# alone (tests/conftest.py): 100,000 sockets on the host, and timings
+# compared with the idle host's.
+@pytest.mark.alone
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_many_connections_do_not_slow_lookups(start_epmd, impl):

@@ -10,7 +10,7 @@ FIN), how many PORT_PLEASE2_REQs right after a close got the dead node's
 port, and how many ALIVE2_REQs for a live holder's name were refused (all
 of them is right).  Standard library only.
 
-    python3 tests/reregister_race.py [--cycles 10000] [--clients 32] [--epmd PATH]
+    python3 -m tests.tools.reregister_race [--cycles 10000] [--clients 32] [--epmd PATH]
 """
 
 import argparse
@@ -19,9 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import (OTP_EPMD, RACE_SCENARIOS, Daemon, base_env, free_port,  # noqa: E402
+from tests.helpers import (OTP_EPMD, RACE_SCENARIOS, Daemon, base_env, free_port,
                      race_cycles)
 
 LABELS = {"fin": "re-register after close (FIN): refused",

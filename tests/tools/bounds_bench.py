@@ -14,7 +14,7 @@ as fast as they go (the rate limit leaves most without a search) and the
 daemon's RSS before and after.  Needs root.  Standard library and
 tests/helpers.py only.
 
-    python3 tests/bounds_bench.py [--procs 30000] [--fds 100000] [--seconds 5] [--refusals 1000]
+    python3 -m tests.tools.bounds_bench [--procs 30000] [--fds 100000] [--seconds 5] [--refusals 1000]
 """
 
 import argparse
@@ -28,12 +28,10 @@ import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import creation_of, frame, free_port, proc_rss_kb, read_to_eof, register  # noqa: E402
-from test_bounds import HOLDER, _answers, as_nobody_command, become_nobody  # noqa: E402
+from tests.helpers import (FORKER, HOLDER, answers_names, become_nobody, creation_of, frame, free_port,
+                           nobody_command, proc_rss_kb, read_to_eof, register)
 
 FORKER_C = r"""
 #include <signal.h>
@@ -64,7 +62,6 @@ def forker(n, tmp):
         subprocess.run([cc, "-O2", "-o", exe, src], check=True)
         cmd = [exe, str(n)]
     else:
-        from test_bounds import FORKER
         cmd = [sys.executable, "-c", FORKER, str(n)]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, start_new_session=True)
     assert p.stdout.readline() == b"FORKED\n"
@@ -128,12 +125,15 @@ def phase(label, port, seconds, holder_cmd=None):
 
 def start_daemon(tmp):
     port = free_port()
-    python, script = as_nobody_command()
+    found = nobody_command()
+    if found is None:
+        sys.exit("no Python interpreter that user nobody may run")
+    python, script = found
     proc = subprocess.Popen([python, script, "-port", str(port), "-address", "127.0.0.1"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=open(os.path.join(tmp, "err"), "ab"), preexec_fn=become_nobody)
     deadline = time.monotonic() + 15
-    while not _answers(port):
+    while not answers_names(port):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     return proc, port

@@ -3,7 +3,7 @@
 where the same run makes sense for it.  Prints figures; not part of `make
 test` (whose versions of these stay short).
 
-    python3 tests/soak.py [churn] [fuzz] [flood] [emfile] [--cycles N] [--packets N]
+    python3 -m tests.tools.soak [churn] [fuzz] [flood] [emfile] [--cycles N] [--packets N]
 
 churn   N register/unregister cycles with fresh names (default 1,000,000);
         RSS after 10% of them and at the end.
@@ -26,9 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script
 
-from helpers import (  # noqa: E402
+from tests.helpers import (
     OTP_EPMD,
     VALID,
     Daemon,

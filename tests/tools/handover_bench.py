@@ -16,8 +16,8 @@ Standard library and tests/helpers.py only.  Scenarios (issue 11):
            only way to upgrade): how long names are missing, failed lookups,
            whether an impostor takes a live node's name.
 
-    python3 tests/handover_bench.py                      # the issue's figures
-    python3 tests/handover_bench.py --nodes 20 --erl 0 --rate 100 --reexecs 3 --flat 5
+    python3 -m tests.tools.handover_bench                      # the issue's figures
+    python3 -m tests.tools.handover_bench --nodes 20 --erl 0 --rate 100 --reexecs 3 --flat 5
 """
 
 import argparse
@@ -29,10 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import helpers  # noqa: E402
-from helpers import (  # noqa: E402
+from tests import helpers
+from tests.helpers import (
     Daemon,
     LookupLoad,
     Nodes,

@@ -13,7 +13,7 @@ then, with --churn nodes registered, the PORT_PLEASE2 round trip (a new
 connection each) p50 and p99 while another thread registers and closes one
 more node in a loop.  Standard library and tests/helpers.py only.
 
-    python3 tests/fdstore_bench.py [--nodes 2000,10000] [--churn 2000] [--epmd PATH]
+    python3 -m tests.tools.fdstore_bench [--nodes 2000,10000] [--churn 2000] [--epmd PATH]
 """
 
 import argparse
@@ -26,9 +26,8 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import (SystemdStandIn, creation_of, frame, free_port, proc_cpu,  # noqa: E402
+from tests.helpers import (SystemdStandIn, creation_of, frame, free_port, proc_cpu,
                      read_to_eof, register)
 
 # the registering child's descriptors are its own: 10,000 nodes need 10,000

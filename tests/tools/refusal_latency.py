@@ -13,7 +13,7 @@ name afresh just before its duplicate (every refusal wants a look-up; the
 rate limit allows 4 a second).  Standard library only; prints the
 summaries in µs.
 
-    python3 tests/refusal_latency.py [--count 5000] [--rate 100]
+    python3 -m tests.tools.refusal_latency [--count 5000] [--rate 100]
 """
 
 import argparse
@@ -21,9 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import Daemon, base_env, free_port, measure_refusal_latency, register  # noqa: E402
+from tests.helpers import Daemon, base_env, free_port, measure_refusal_latency, register
 
 
 def main(argv):

@@ -3,7 +3,7 @@
 (issue 23, item 2): the same measurements on an idle host and with N
 established loopback connections (default 50,000) held by this process.
 
-    python3 tests/many_sockets.py [--connections N] [--reps R]
+    python3 -m tests.tools.many_sockets [--connections N] [--reps R]
 
 Prints, per case, the median and the worst of R runs of `epmd.py -status`
 (wall time of the whole command; with sock_diag, and with the
@@ -22,8 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import (  # noqa: E402
+from tests.helpers import (
     EPMD_PY, ManyConnections, alive2, base_env, connect, established_count, frame, free_port,
     read_to_eof, register)
 

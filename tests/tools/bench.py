@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark epmd.py side by side with OTP's epmd (when installed).
 
-    python3 tests/bench.py [--reps N] [--dur SECONDS] [--only FIGURE,...] [--baseline OLD_EPMD_PY]
+    python3 -m tests.tools.bench [--reps N] [--dur SECONDS] [--only FIGURE,...] [--baseline OLD_EPMD_PY]
 
 Starts each daemon fresh for every run on a free loopback port, pinned to CPU
 0 (the load generator to CPU 1 when there are two), interleaving the daemons
@@ -31,23 +31,25 @@ Figures:
 """
 
 import argparse
+import atexit
 import json
 import os
 import resource
 import selectors
+import shutil
 import socket
 import statistics
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import helpers  # tests/helpers.py: the test library, standard library only
-from helpers import U16, U32, frame, free_port, proc_cpu, proc_cpu_split, proc_hwm_kb, proc_rss_kb
+from tests import helpers
+from tests.helpers import U16, U32, frame, free_port, proc_cpu_split, proc_hwm_kb, proc_rss_kb
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+ROOT = helpers.ROOT
 NODE_PORT = 4242
 BASELINE = None     # --baseline: another epmd.py measured in the same run ("before")
 BURST_NODES = 500                   # registrations in the burst
@@ -153,57 +155,39 @@ def otp_epmd():
     return os.environ.get("EPMD_BENCH_OTP") or helpers.OTP_EPMD
 
 
-def pin(cpu):
-    def preexec():
+TMP = None          # where the daemons' stderr goes (helpers.Daemon keeps it in a file)
+
+
+def Daemon(impl):
+    """A helpers.Daemon of *impl* ("py", "otp", or "base" for --baseline) on a
+    free loopback port, pinned to CPU 0 with RLIMIT_NOFILE at its hard limit,
+    started and polled every 0.5 ms until it answers NAMES_REQ, so that
+    d.ready_after (process start to accepting connections) is exact to that."""
+    global TMP
+    if TMP is None:
+        TMP = Path(tempfile.mkdtemp(prefix="epmd-bench-"))
+        atexit.register(shutil.rmtree, str(TMP), True)
+    port = free_port()
+    d = helpers.Daemon("otp" if impl == "otp" else "py", port,
+                       ["-port", str(port), "-address", "127.0.0.1"], helpers.base_env(), TMP)
+    d.exe = {"py": [sys.executable, str(ROOT / "epmd.py")], "base": [sys.executable, str(BASELINE)],
+             "otp": [otp_epmd()]}[impl]
+    d.cpu = 0
+    d.nofile = (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2
+    t_spawn = time.perf_counter()
+    d.start(wait=False)
+    deadline = t_spawn + 10
+    while time.perf_counter() < deadline:
         try:
-            if hasattr(os, "sched_setaffinity") and os.cpu_count() and os.cpu_count() > 1:
-                os.sched_setaffinity(0, {cpu})
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(frame(b"n"))
+                if s.recv(4) == U32.pack(port):
+                    d.ready_after = time.perf_counter() - t_spawn
+                    return d
         except OSError:
-            pass
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return preexec
-
-
-class Daemon:
-    def __init__(self, impl):
-        self.impl = impl
-        self.port = free_port()
-        exe = {"py": [sys.executable, str(ROOT / "epmd.py")], "base": [sys.executable, str(BASELINE)],
-               "otp": [otp_epmd()]}[impl]
-        self.argv = exe + ["-port", str(self.port), "-address", "127.0.0.1"]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ERL_EPMD")}
-        self.t_spawn = time.perf_counter()
-        self.proc = subprocess.Popen(self.argv, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     preexec_fn=pin(0), close_fds=True)
-        self.ready_after = self.wait_ready()
-
-    def wait_ready(self):
-        deadline = time.perf_counter() + 10
-        while time.perf_counter() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                    s.sendall(frame(b"n"))
-                    if s.recv(4) == U32.pack(self.port):
-                        return time.perf_counter() - self.t_spawn
-            except OSError:
-                time.sleep(0.0005)
-        raise RuntimeError("%s did not start" % self.impl)
-
-    def cpu(self):
-        return proc_cpu(self.proc.pid)
-
-    def rss_kb(self):
-        return proc_rss_kb(self.proc.pid)
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(3)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(3)
+            time.sleep(0.0005)
+    d.stop()
+    raise RuntimeError("%s did not start" % impl)
 
 
 class RunError(Exception):
@@ -228,13 +212,14 @@ def load(d, request, expected, conc, dur, rate=0, workers=2, lat=False):
     for i in range(workers):
         w = dict(spec, conc=max(1, conc // workers) + (1 if i < conc % workers else 0),
                  rate=rate / workers if rate else 0)
-        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(w)],
-                                      stdout=subprocess.PIPE, preexec_fn=pin(1)))
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.tools.bench", "--worker", json.dumps(w)],
+                                      stdout=subprocess.PIPE, preexec_fn=lambda: helpers.pin(1),
+                                      cwd=str(ROOT)))
     while time.time() < start_at:
         time.sleep(0.001)
-    cpu0 = proc_cpu_split(d.proc.pid)
+    cpu0 = proc_cpu_split(d.pid)
     time.sleep(dur)
-    cpu1 = proc_cpu_split(d.proc.pid)
+    cpu1 = proc_cpu_split(d.pid)
     results = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
     ok = sum(r["ok"] for r in results)
     errors = sum(r["errors"] for r in results)
@@ -305,7 +290,7 @@ def fig_capacity(impl, a):
     socks = []
     out = {}
     try:
-        rss0 = d.rss_kb()
+        rss0 = proc_rss_kb(d.pid)
         limit = min(resource.getrlimit(resource.RLIMIT_NOFILE)[1], 20000) - 60
         for i in range(limit):
             try:
@@ -315,7 +300,7 @@ def fig_capacity(impl, a):
             socks.append(s)
             if len(socks) == 10000:
                 time.sleep(0.2)
-                out["mem_kb"] = (d.rss_kb() - rss0) / 10000
+                out["mem_kb"] = (proc_rss_kb(d.pid) - rss0) / 10000
         out["capacity"] = len(socks)
         if len(socks) < 10000:
             out["mem_kb"] = float("nan")
@@ -379,12 +364,13 @@ def fig_burst(impl, a):
     d = Daemon(impl)
     try:
         start_at = time.time() + 0.5
-        procs = [subprocess.Popen([sys.executable, __file__, "--burst-worker",
+        procs = [subprocess.Popen([sys.executable, "-m", "tests.tools.bench", "--burst-worker",
                                    json.dumps({"port": d.port, "worker": i, "workers": BURST_WORKERS,
-                                               "start_at": start_at})], stdout=subprocess.PIPE)
+                                               "start_at": start_at})], stdout=subprocess.PIPE,
+                                  cwd=str(ROOT))
                  for i in range(BURST_WORKERS)]
         results = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
-        hwm = proc_hwm_kb(d.proc.pid)
+        hwm = proc_hwm_kb(d.pid)
         answered = sorted(t for r in results for t in r["t_replies"])
         return {"burst_s": answered[-1] - start_at if answered else float("nan"),
                 "burst_p99_s": (answered[int(0.99 * (len(answered) - 1))] - start_at

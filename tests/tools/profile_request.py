@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Profile epmd.py's common request: PORT_PLEASE2_REQ, from wake-up to close.
 
-    python3 tests/profile_request.py [--n N] [--conc C] [--top K] [--epmd PATH]
-    python3 tests/profile_request.py --callgrind [--n N] [--conc C] [--epmd PATH]
+    python3 -m tests.tools.profile_request [--n N] [--conc C] [--top K] [--epmd PATH]
+    python3 -m tests.tools.profile_request --callgrind [--n N] [--conc C] [--epmd PATH]
 
 --epmd profiles another copy of epmd.py (an older version, to compare).
 
@@ -37,10 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import helpers
-from helpers import frame, free_port
+from tests import helpers
+from tests.helpers import frame, free_port, pin
 
-HERE = Path(__file__).resolve().parent
 
 NODE = "prof"
 NODE_PORT = 4242
@@ -69,17 +68,10 @@ def client(port, n, conc):
     return {"ok": res["ok"], "failed": res["failed"], "bad": res["bad"], "seconds": secs}
 
 
-def pin(cpu):
-    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
-        try:
-            os.sched_setaffinity(0, {cpu})
-        except OSError:
-            pass
-
-
 def start_client(port, n, conc):
-    return subprocess.Popen([sys.executable, __file__, "--client", str(port), str(n), str(conc)],
-                            stdout=subprocess.PIPE, preexec_fn=lambda: pin(1))
+    return subprocess.Popen([sys.executable, "-m", "tests.tools.profile_request", "--client", str(port),
+                             str(n), str(conc)], stdout=subprocess.PIPE, preexec_fn=lambda: pin(1),
+                            cwd=str(helpers.ROOT))
 
 
 def check_client(proc, n):

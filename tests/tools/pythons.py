@@ -12,7 +12,7 @@ and which no Python changes (tests that compare both daemons in one run,
 such as the -d log against OTP's, still run).  A missing interpreter is
 reported as a skip, naming it; the status is non-zero when a run fails.
 
-    python3 tests/pythons.py [pytest arguments; default -m "not slow"]
+    python3 -m tests.tools.pythons [pytest arguments; default -m "not slow"]
 """
 
 import glob
@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 OLDEST = 8              # Python 3.8, pyproject's requires-python
 TESTS = ["tests/test_python.py", "tests/test_wire.py", "tests/test_erlang.py", "tests/test_cli.py",
          "tests/test_clients.py"]
