@@ -133,7 +133,7 @@ request path makes as few as it can:
     hexdump paths are guarded by the level.
 
 The rest is the interpreter's work, measured in instructions per
-PORT_PLEASE2_REQ (tests/profile_request.py --callgrind).  The most of it
+PORT_PLEASE2_REQ (tests/tools/profile_request.py --callgrind).  The most of it
 goes where a running cluster asks most: at level 0, a PORT_PLEASE2_REQ
 packet answered before for a node still registered, arriving whole in the
 read after its accept, finds its reply in NodeTable.asked and is answered

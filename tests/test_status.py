@@ -560,7 +560,7 @@ def test_proc_tcp_and_sock_diag_find_this_process():
 def test_refusals_do_not_slow_lookups(start_ours):
     """PORT_PLEASE2 latency on a quiet daemon and while another process has
     duplicate registrations refused at 100/s (printed with -s; the full
-    figures come from tests/refusal_latency.py).  Fresh holders every time,
+    figures come from tests/tools/refusal_latency.py).  Fresh holders every time,
     so every refusal wants a look-up and the rate limit is what bounds it."""
     d = start_ours()
     s, _ = register(d.port, "target", port=40999)
@@ -651,7 +651,7 @@ def test_many_connections_do_not_slow_lookups(start_epmd, impl):
     measured beside it to show the difference).  -status still names the
     daemon's PID (ours or OTP's), and a refused duplicate is answered and
     followed by its D25 line (epmd.py) promptly.  Figures:
-    tests/many_sockets.py."""
+    tests/tools/many_sockets.py."""
     from helpers import ManyConnections, established_count
     d = start_epmd()
     s, _ = register(d.port, "many", port=40557)
