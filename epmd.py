@@ -1687,7 +1687,7 @@ HANDOVER_ENV = "EPMD_PY_HANDOVER"
 HANDOVER_VERSION = 1
 HANDOVER_MAGIC = b"EPMDPY-STATE"
 HANDOVER_HEADER = struct.Struct(">12sHII")  # magic, version, body length, crc32
-HANDOVER_OPTIONS = ("port", "addresses", "relaxed", "packet_timeout", "delay_accept",
+HANDOVER_OPTIONS = ("port", "address", "relaxed", "packet_timeout", "delay_accept",
                     "delay_write", "systemd")
 HANDOVER_NODE_INTS = ("fd", "port", "nodetype", "protocol", "highvsn", "lowvsn", "cr_counter")
 STORE_RECORD = struct.Struct(">II")         # body length, crc32 (records after the state)
@@ -2026,17 +2026,25 @@ def try_image(argv, environ, timeout=HANDOVER_CHECK_TIMEOUT):
                      % (p.returncode, ": " + err[-1][:300] if err else ", no answer"))
 
 
+# Option names the state of releases before one name per option used.
+OLD_OPTION_NAMES = {"address": "addresses", "daemon": "is_daemon"}
+
+
 def options_from_state(opts, state):
     """Return *opts* (parse_args' dict) with the options of the image that
-    handed *state* over: port, addresses, debug level, relaxed, time-outs,
-    daemon and systemd mode; a malformed options record leaves *opts*."""
+    handed *state* over, under the same names (HANDOVER_OPTIONS, debug and
+    daemon; a state of an older release, with OLD_OPTION_NAMES, is read
+    too); a malformed options record leaves *opts*."""
     try:
-        o = state["options"]
+        o = dict(state["options"])
+        for name, old in OLD_OPTION_NAMES.items():
+            if name not in o and old in o:
+                o[name] = o[old]
         new = dict(opts)
-        new.update(port=int(o["port"]), address=o["addresses"], debug=int(o["debug"]),
+        new.update(port=int(o["port"]), address=o["address"], debug=int(o["debug"]),
                    relaxed=bool(o["relaxed"]), packet_timeout=int(o["packet_timeout"]),
                    delay_accept=int(o["delay_accept"]), delay_write=int(o["delay_write"]),
-                   daemon=bool(o["is_daemon"]), systemd=bool(o["systemd"]))
+                   daemon=bool(o["daemon"]), systemd=bool(o["systemd"]))
         return new
     except (KeyError, TypeError, ValueError):
         return opts
@@ -2233,8 +2241,16 @@ class FdStore:
 class Handover:
     """The hand-over part of Epmd (a mixin: these are Epmd's methods).
 
-    Uses Epmd's listeners, conns, pending, nodes, sel, log and options, and
-    the attributes script, reexec_wanted, wakeup and handover.
+    Its contract with Epmd, all of it (tests/test_map.py checks it against
+    the code):
+
+    Reads: log, nodes, conns, listeners, sel, systemd, fdstore, handover,
+    wakeup, script, module_name, argv, and the options named by
+    HANDOVER_OPTIONS.
+    Writes: reexec_wanted, wakeup (its own), handover (taken once).
+    Calls: set_state (restore_handover: each connection's one door).
+    Called by Epmd: adopt_listeners (bind), handover_resume (run, before
+    the loop), drain_wakeup, reexec and fdstore_sync (run, in the loop).
     """
 
     def request_reexec(self, signum=None, frame=None):
@@ -2288,7 +2304,7 @@ class Handover:
         nodes = self.nodes
         options = {k: getattr(self, k) for k in HANDOVER_OPTIONS}
         options["debug"] = self.log.level
-        options["is_daemon"] = self.log.is_daemon
+        options["daemon"] = self.log.is_daemon
         return {"options": options,
                 "listeners": [ls.fileno() for ls in self.listeners],
                 "conns": conns,
@@ -2457,9 +2473,11 @@ class Handover:
             store.stale = True
 
     def adopt_listeners(self):
-        """bind() of a new image: take the listening sockets handed over."""
-        self.listeners = [adopt_socket(fd, blocking=False) for fd in self.handover["listen"]]
-        if not self.listeners:
+        """bind() of a new image: return the listening sockets handed over
+        and the FdStore in use (or None).  Raises StartupError without a
+        listening socket."""
+        listeners = [adopt_socket(fd, blocking=False) for fd in self.handover["listen"]]
+        if not listeners:
             raise StartupError("no listening sockets handed over")
         state = self.handover["state"]
         store = self.handover.get("store")
@@ -2467,14 +2485,11 @@ class Handover:
             record = {"state_fd": store[0], "seq": store[1]}
         else:                       # an image from before store= (the state's record)
             record = state.get("fdstore") if state is not None else None
-        if record:
-            self.fdstore = FdStore.adopt(os.environ, record, self.log)
-            if self.fdstore is not None and not self.systemd:
-                # not under systemd any more: nothing to keep up to date
-                self.fdstore, fd = None, self.fdstore.state_fd
-                os.close(fd)
-        self.max_conn = self.conn_limit()
-        self.local_reserve = min(LOCAL_RESERVE, self.max_conn // 2)
+        fdstore = FdStore.adopt(os.environ, record, self.log) if record else None
+        if fdstore is not None and not self.systemd:
+            os.close(fdstore.state_fd)  # not under systemd any more: nothing to keep
+            fdstore = None
+        return listeners, fdstore
 
     def handover_resume(self):
         """run() of a new image, before serving: rebuild the connections and
@@ -3119,7 +3134,7 @@ class Epmd(Handover):
     """The daemon: options, the node table, the connections and the loop.
 
     Options (seconds for times): *port* as configured (reported in NAMES
-    and DUMP), *addresses* (the -address list or None), *relaxed*
+    and DUMP), *address* (the -address list or None), *relaxed*
     (-relaxed_command_check), *packet_timeout*, *delay_accept*,
     *delay_write*, *systemd*, and *log*, a DebugLog that carries the debug
     level and whether we are a daemon.  Mirrors OTP's EpmdVars.
@@ -3153,11 +3168,11 @@ class Epmd(Handover):
       of a new image), fdstore_sync (systemd's fd store)
     """
 
-    def __init__(self, port=EPMD_PORT_NO, addresses=None, relaxed=False,
+    def __init__(self, port=EPMD_PORT_NO, address=None, relaxed=False,
                  packet_timeout=CLOSE_TIMEOUT, delay_accept=0, delay_write=0,
                  systemd=False, log=None):
         self.port = port
-        self.addresses = addresses
+        self.address = address
         self.relaxed = relaxed
         self.packet_timeout = packet_timeout
         self.delay_accept = delay_accept
@@ -3195,9 +3210,8 @@ class Epmd(Handover):
         connection table.  Raises StartupError or AlreadyRunning."""
         log = self.log
         if self.handover is not None:
-            self.adopt_listeners()
-            return
-        if self.systemd:
+            self.listeners, self.fdstore = self.adopt_listeners()
+        elif self.systemd:
             log.dbg_printf(2, "try to obtain sockets from systemd")
             stored = {}
             self.listeners = systemd_listen_sockets(os.environ, stored)
@@ -3205,7 +3219,7 @@ class Epmd(Handover):
             self.fdstore = FdStore.open(os.environ, stored, log)
         else:
             log.dbg_printf(2, "try to initiate listening port %d", self.port)
-            addrs = parse_addresses(self.addresses)
+            addrs = parse_addresses(self.address)
             self.listeners = open_listen_sockets(addrs, self.port, log)
         self.max_conn = self.conn_limit()
         self.local_reserve = min(LOCAL_RESERVE, self.max_conn // 2)
@@ -4868,7 +4882,7 @@ def syslog_unreachable(path=SYSLOG_PATH):
 
 def make_daemon(opts):
     """Build the Epmd of the parsed options *opts*."""
-    return Epmd(port=opts["port"], addresses=opts["address"],
+    return Epmd(port=opts["port"], address=opts["address"],
                 relaxed=opts["relaxed"], packet_timeout=opts["packet_timeout"],
                 delay_accept=opts["delay_accept"], delay_write=opts["delay_write"],
                 systemd=opts["systemd"], log=DebugLog(opts["debug"], opts["daemon"]))

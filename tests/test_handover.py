@@ -472,7 +472,7 @@ def test_reexec_refused_off_linux(monkeypatch, capsys):
     """Off Linux, SIGUSR2 is refused with a log line and nothing else happens.
     (Run in-process with sys.platform set to another system's name, as CI
     has only Linux.)"""
-    e = epmd.Epmd(port=free_port(), addresses="127.0.0.1")
+    e = epmd.Epmd(port=free_port(), address="127.0.0.1")
     e.script = str(EPMD_PY)
     e.reexec_wanted = True
     monkeypatch.setattr(sys, "platform", "freebsd14")
@@ -919,3 +919,23 @@ def test_reexec_keeps_interpreter_options_and_form(form, tmp_path, monkeypatch):
             d.stop()
         else:
             os.kill(pid, signal.SIGTERM)
+
+
+def test_one_name_per_option():
+    """Each option has one name from the command line (parse_args) through
+    Epmd's attributes to the hand-over state; a state an older release wrote
+    (addresses, is_daemon) is read too."""
+    opts = epmd.parse_args(["-address", "127.0.0.1", "-port", "4370", "-d", "-relaxed_command_check"],
+                           {})
+    e = epmd.make_daemon(opts)
+    for name in epmd.HANDOVER_OPTIONS:
+        assert name in opts, name
+        assert getattr(e, name) == opts[name], name
+    state = e.handover_state()
+    assert set(state["options"]) == set(epmd.HANDOVER_OPTIONS) | {"debug", "daemon"}
+    assert epmd.options_from_state(epmd.parse_args([], {}), state) == dict(
+        opts, action=None, stop_name=None, port_given=False)
+    old = dict(state["options"])
+    old["addresses"], old["is_daemon"] = old.pop("address"), old.pop("daemon")
+    back = epmd.options_from_state(epmd.parse_args([], {}), {"options": old})
+    assert back["address"] == "127.0.0.1" and back["debug"] == 1 and back["relaxed"]

@@ -178,3 +178,32 @@ def test_no_long_function_without_a_reason():
                     line.strip().startswith("# Over %d lines" % MAX_FUNCTION_LINES) for line in head):
                 long_ones.append("%s (line %d): %d lines" % (node.name, node.lineno, size))
     assert not long_ones, "\n".join(long_ones)
+
+
+def contract_list(doc, label):
+    """The names after *label* in a docstring, up to the next full stop."""
+    text = doc.split(label, 1)[1].split(".\n", 1)[0]
+    return set(re.findall(r"\b([a-z_][a-z0-9_]*)\b", text))
+
+
+def test_handover_contract_is_exact():
+    """The Handover mixin's docstring lists exactly what it reads and writes
+    of Epmd, the Epmd methods it calls, and its methods Epmd calls."""
+    classes = {n.name: n for n in TREE.body if isinstance(n, ast.ClassDef)}
+    mixin, daemon = classes["Handover"], classes["Epmd"]
+    own = {f.name for f in mixin.body if isinstance(f, ast.FunctionDef)}
+    theirs = {f.name for f in daemon.body if isinstance(f, ast.FunctionDef)}
+    reads, writes = set(), set()
+    for node in ast.walk(mixin):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                and node.value.id == "self":
+            (writes if isinstance(node.ctx, ast.Store) else reads).add(node.attr)
+    called_back = {node.attr for node in ast.walk(daemon)
+                   if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                   and node.value.id == "self" and node.attr in own}
+    doc = ast.get_docstring(mixin)
+    assert contract_list(doc, "Reads:") - {"and", "the", "options", "named", "by"} == \
+        reads - own - theirs
+    assert contract_list(doc, "Writes:") - {"its", "own", "taken", "once"} == writes
+    assert contract_list(doc, "Calls:") & theirs == reads & theirs
+    assert contract_list(doc, "Called by Epmd:") & own == called_back

@@ -176,7 +176,7 @@ def test_registered_close_handled_before_new_connection(monkeypatch, level, seco
     handles the events in the selector's order."""
     monkeypatch.setattr(epmd.selectors, "DefaultSelector", Scripted)
     out = io.BytesIO()
-    e = epmd.Epmd(port=free_port(), addresses="127.0.0.1", log=epmd.DebugLog(level, out=out))
+    e = epmd.Epmd(port=free_port(), address="127.0.0.1", log=epmd.DebugLog(level, out=out))
     e.bind()
     socks = {}
 

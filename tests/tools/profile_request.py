@@ -93,7 +93,7 @@ def load_epmd(path):
 def profile(n, conc, top, path):
     epmd = load_epmd(path)
     port = free_port()
-    e = epmd.Epmd(port=port, addresses="127.0.0.1", log=epmd.DebugLog(0))
+    e = epmd.Epmd(port=port, address="127.0.0.1", log=epmd.DebugLog(0))
     e.bind()
     pin(0)
     proc = start_client(port, n, conc)
