@@ -268,3 +268,45 @@ def test_socket_unit_addresses_served(which, tmp_path):
         p.terminate()
         p.wait(5)
 
+
+
+# -- imports (issue 22): each action loads what it uses -------------------------------
+
+BASE_IMPORTS = "import collections, errno, os, selectors, signal, socket, struct, sys, time"
+
+
+def imported(argv, **kw):
+    """The modules `python -X importtime` reports for *argv*, run to its end."""
+    p = subprocess.run([sys.executable, "-X", "importtime"] + argv, capture_output=True,
+                       timeout=30, **kw)
+    return _modules(p.stderr)
+
+
+def _modules(stderr):
+    """The module names in -X importtime's lines of *stderr*."""
+    return {line.split("|")[-1].strip() for line in stderr.decode("utf-8", "replace").splitlines()
+            if line.startswith("import time:") and "|" in line} - {"package"}
+
+
+def test_imports_only_what_the_action_needs(tmp_path):
+    """A client command imports nothing beyond epmd.py's top-level imports
+    (none of the daemon's, the hand-over's or -status's); an idle daemon
+    adds resource (its RLIMIT_NOFILE) and nothing of json, zlib,
+    subprocess, ctypes, syslog until it uses them."""
+    base = imported(["-c", BASE_IMPORTS], env=base_env())
+    port = free_port()
+    err = tmp_path / "daemon.err"
+    with open(err, "wb") as f:
+        d = subprocess.Popen([sys.executable, "-X", "importtime", str(ROOT / "epmd.py"), "-port",
+                              str(port), "-address", "127.0.0.1"], env=base_env(),
+                             stdout=subprocess.DEVNULL, stderr=f)
+    try:
+        assert wait_until(lambda: _names(port) is not None, 10)
+        for action in (["-names"], ["-dump"], ["-started"], ["-stop", "nosuchnode"], ["-status"]):
+            extra = imported([str(ROOT / "epmd.py"), "-port", str(port)] + action,
+                             env=base_env()) - base
+            assert extra == set(), (action, extra)
+    finally:
+        d.terminate()
+        d.wait(5)
+    assert _modules(err.read_bytes()) - base == {"resource"}
