@@ -423,6 +423,9 @@ def forms(impl, tmp):
         return {"script": ([sys.executable, str(BASELINE)], None)}
     out = {"script": ([sys.executable, str(ROOT / "epmd.py")], None),
            "module": ([sys.executable, "-m", "epmd"], str(ROOT))}
+    # the byte code of -m: its first run writes it, unless PYTHONDONTWRITEBYTECODE
+    # is set or the folder is not writable; py_compile writes it in any case
+    subprocess.run([sys.executable, "-m", "py_compile", str(ROOT / "epmd.py")], check=True)
     p = subprocess.run(["make", "-s", "-C", str(ROOT), "install", "PREFIX=%s" % tmp,
                         "PYTHON=%s" % sys.executable], stdout=subprocess.DEVNULL,
                        stderr=subprocess.PIPE)
