@@ -521,7 +521,7 @@ def fig_forms(impl, a):
             if mask is not None:
                 os.sched_setaffinity(0, mask)
             stop_form(d)
-        for rnd in range(a.form_runs):
+        for _ in range(a.form_runs):
             for form, (exe, cwd) in todo.items():
                 if form == "floor":
                     t0 = time.perf_counter()
