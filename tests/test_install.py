@@ -56,7 +56,9 @@ def test_make_install_units_and_interpreter(tmp_path):
     exe = prefix / "bin" / "epmd"
     lines = exe.read_text().splitlines(keepends=True)
     assert lines[0] == "#!/usr/bin/python3\n"
-    assert lines[1:] == (ROOT / "epmd.py").read_text().splitlines(keepends=True)[1:]
+    lib = prefix / "lib" / "epmd-py"        # the module, imported by the launcher
+    assert 'sys.path.insert(0, "%s")\n' % lib in lines
+    assert (lib / "epmd.py").read_bytes() == (ROOT / "epmd.py").read_bytes()
     unitdir = prefix / "lib" / "systemd" / "system"
     assert sorted(os.listdir(unitdir)) == ["epmd.service", "epmd.socket"]
     service = (unitdir / "epmd.service").read_text()
@@ -70,13 +72,14 @@ def test_make_install_units_and_interpreter(tmp_path):
              "SYSTEMDUNITDIR=%s" % (tmp_path / "units"))
     assert p.returncode == 0, p.stderr
     assert exe.read_text().splitlines()[0] == "#!" + sys.executable
+    assert (lib / "__pycache__" / ("epmd.%s.pyc" % sys.implementation.cache_tag)).is_file()
     assert (tmp_path / "units" / "epmd.service").is_file()
     p = make("install", "PREFIX=%s" % prefix, "PYTHON=python3")
     assert p.returncode != 0 and "PYTHON must be an absolute path, not python3" in p.stderr
 
     p = make("uninstall", "PREFIX=%s" % prefix)
     assert p.returncode == 0, p.stderr
-    assert not exe.exists() and os.listdir(unitdir) == []
+    assert not exe.exists() and not lib.exists() and os.listdir(unitdir) == []
 
 
 def test_installed_units_verify_and_serve(tmp_path):
@@ -185,7 +188,11 @@ def test_readme_dpkg_divert_steps_in_scratch_root(tmp_path):
     assert (root / "usr/share/man/man1/epmd.otp.1.gz").read_bytes() == otp_man_bytes
     assert not otp_man.exists()
     assert otp_bin.read_text().startswith("#!/usr/bin/python3\n")
-    p = subprocess.run([sys.executable, str(otp_bin), "-version"], capture_output=True, timeout=30)
+    # the launcher imports /usr/lib/epmd-py/epmd.py, here under the scratch root
+    lib = root / "usr/lib/epmd-py"
+    assert (lib / "epmd.py").read_bytes() == (ROOT / "epmd.py").read_bytes()
+    p = subprocess.run([sys.executable, str(otp_bin), "-version"], capture_output=True, timeout=30,
+                       env=dict(base_env(), PYTHONPATH=str(lib)))
     assert p.stdout == b"epmd.py %s\n" % epmd.__version__.encode()
     assert (root / "usr/share/man/man1/epmd.1").read_bytes() == (ROOT / "man/epmd.1").read_bytes()
     service = (root / "etc/systemd/system/epmd.service").read_text()
@@ -196,7 +203,7 @@ def test_readme_dpkg_divert_steps_in_scratch_root(tmp_path):
     assert diversions() == []
     assert otp_bin.read_bytes() == otp_bin_bytes and otp_man.read_bytes() == otp_man_bytes
     assert not (root / "usr/bin/epmd.otp").exists()
-    assert not (root / "usr/share/man/man1/epmd.1").exists()
+    assert not (root / "usr/share/man/man1/epmd.1").exists() and not lib.exists()
     assert os.listdir(root / "etc/systemd/system") == []
     assert subprocess.run([divert, "--list"], capture_output=True, timeout=30).stdout == host_before
 

@@ -4,6 +4,7 @@ systemd units."""
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import venv
@@ -83,28 +84,110 @@ def test_man_page_lints_clean():
 
 
 def test_make_install_and_uninstall(tmp_path):
+    """`make install` with DESTDIR puts the module and its byte code (for the
+    launcher's interpreter) under LIBDIR, and as BINDIR/epmd a short launcher
+    naming the real LIBDIR (not DESTDIR); `make uninstall` removes all of it."""
     dest = tmp_path / "dest"
     make = ["make", "-C", str(ROOT), "DESTDIR=%s" % dest, "PREFIX=/usr"]
     subprocess.run(make + ["install"], check=True, capture_output=True, timeout=60)
     exe = dest / "usr" / "bin" / "epmd"
+    lib = dest / "usr" / "lib" / "epmd-py"
     page = dest / "usr" / "share" / "man" / "man1" / "epmd.1"
     assert exe.is_file() and os.access(exe, os.X_OK)
-    assert exe.read_bytes().startswith(b"#!/usr/bin/python3\n")
+    launcher = exe.read_text()
+    assert launcher.startswith("#!/usr/bin/python3\n") and len(launcher.splitlines()) < 10
+    assert 'sys.path.insert(0, "/usr/lib/epmd-py")' in launcher and str(dest) not in launcher
+    assert "console_main()" in launcher
+    assert (lib / "epmd.py").read_bytes() == (ROOT / "epmd.py").read_bytes()
+    pycs = [p.name for p in (lib / "__pycache__").iterdir()]
+    assert len(pycs) == 1 and re.match(r"^epmd\.[\w-]+\.pyc$", pycs[0]), pycs
+    # a re-exec refuses files (and directories) others can write
+    for f, mode in ((exe, 0o755), (lib, 0o755), (lib / "epmd.py", 0o644),
+                    (lib / "__pycache__", 0o755), (lib / "__pycache__" / pycs[0], 0o644)):
+        assert f.stat().st_mode & 0o777 == mode, f
     assert page.read_bytes() == MAN_PAGE.read_bytes()
-    port = free_port()
-    d = subprocess.Popen([str(exe), "-port", str(port), "-address", "127.0.0.1"], env=base_env(),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        assert wait_until(lambda: _names(port) is not None, 10)
-        p = subprocess.run([str(exe), "-port", str(port), "-names"], capture_output=True, timeout=30,
-                           env=base_env())
-        assert (p.returncode, p.stdout) == (0, b"epmd: up and running on port %d with data:\n" % port)
-    finally:
-        d.terminate()
-        d.wait(5)
     subprocess.run(make + ["uninstall"], check=True, capture_output=True, timeout=60)
-    assert not exe.exists() and not page.exists()
+    assert not exe.exists() and not page.exists() and not lib.exists()
+    assert sorted(os.listdir(dest / "usr" / "lib")) == ["systemd"]
     assert not list((dest / "usr" / "lib" / "systemd" / "system").iterdir())
+
+
+def installed_env():
+    """base_env() without PYTHONPATH: the launcher must find its own module."""
+    return {k: v for k, v in base_env().items() if k != "PYTHONPATH"}
+
+
+def test_make_install_runs_byte_compiled_and_reexecs(tmp_path):
+    """The installed launcher loads the byte-compiled module (no compiling);
+    `epmd -names` works; a daemon started from it, in the foreground and
+    with -daemon, survives SIGUSR2 with its nodes and its command line."""
+    from helpers import Daemon, find_pids, register_mixed, registered
+
+    prefix = tmp_path / "prefix"
+    make = ["make", "-C", str(ROOT), "PREFIX=%s" % prefix, "PYTHON=%s" % sys.executable]
+    subprocess.run(make + ["install"], check=True, capture_output=True, timeout=60)
+    exe = prefix / "bin" / "epmd"
+    lib = prefix / "lib" / "epmd-py"
+    env = installed_env()
+    p = subprocess.run([sys.executable, "-v", str(exe), "-version"], capture_output=True,
+                       timeout=30, env=env, cwd=str(tmp_path))
+    assert p.stdout == b"epmd.py %s\n" % epmd.__version__.encode()
+    pyc = lib / "__pycache__" / ("epmd.%s.pyc" % sys.implementation.cache_tag)
+    assert b"code object from '%s'" % str(pyc).encode() in p.stderr
+
+    port = free_port()
+    d = Daemon("py", port, ["-port", str(port), "-address", "127.0.0.1"], env, tmp_path)
+    d.exe = [str(exe)]
+    d.start()
+    try:
+        nodes = register_mixed(port, 3)
+        want = sorted(n["name"] for n in nodes)
+        p = subprocess.run([str(exe), "-port", str(port), "-names"], capture_output=True, timeout=30,
+                           env=env, cwd=str(tmp_path))
+        assert p.returncode == 0
+        assert p.stdout.startswith(b"epmd: up and running on port %d with data:\n" % port)
+        assert p.stdout.count(b"\nname ") == 3
+        cmdline = _cmdline(d.pid)
+        os.kill(d.pid, signal.SIGUSR2)
+        assert wait_until(lambda: "connections restored" in d.stderr(), 15), d.stderr()
+        assert "refused" not in d.stderr() and d.alive()
+        assert wait_until(lambda: sorted(registered(port)) == want, 10)
+        assert _cmdline(d.pid) == cmdline
+        for n in nodes:
+            n["sock"].close()
+    finally:
+        d.stop()
+
+    port = free_port()
+    r = subprocess.run([str(exe), "-port", str(port), "-address", "127.0.0.1", "-daemon"], env=env,
+                       timeout=30, cwd=str(tmp_path))
+    assert r.returncode == 0
+    pids = find_pids(str(exe), "-daemon", str(port))
+    assert len(pids) == 1
+    pid = pids[0]
+    try:
+        nodes = register_mixed(port, 3)
+        want = sorted(n["name"] for n in nodes)
+        os.kill(pid, signal.SIGUSR2)
+        assert wait_until(lambda: b"EPMD_PY_HANDOVER=1 state=" in _environ(pid), 15)
+        assert wait_until(lambda: sorted(registered(port)) == want, 10)
+        assert find_pids(str(exe), "-daemon", str(port)) == [pid]
+        for n in nodes:
+            n["sock"].close()
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    subprocess.run(make + ["uninstall"], check=True, capture_output=True, timeout=60)
+    assert not exe.exists() and not lib.exists()
+
+
+def _cmdline(pid):
+    with open("/proc/%d/cmdline" % pid, "rb") as f:
+        return f.read()
+
+
+def _environ(pid):
+    with open("/proc/%d/environ" % pid, "rb") as f:
+        return f.read()
 
 
 def _names(port, host="127.0.0.1"):
@@ -185,3 +268,45 @@ def test_socket_unit_addresses_served(which, tmp_path):
         p.terminate()
         p.wait(5)
 
+
+
+# -- imports (issue 22): each action loads what it uses -------------------------------
+
+BASE_IMPORTS = "import collections, errno, os, selectors, signal, socket, struct, sys, time"
+
+
+def imported(argv, **kw):
+    """The modules `python -X importtime` reports for *argv*, run to its end."""
+    p = subprocess.run([sys.executable, "-X", "importtime"] + argv, capture_output=True,
+                       timeout=30, **kw)
+    return _modules(p.stderr)
+
+
+def _modules(stderr):
+    """The module names in -X importtime's lines of *stderr*."""
+    return {line.split("|")[-1].strip() for line in stderr.decode("utf-8", "replace").splitlines()
+            if line.startswith("import time:") and "|" in line} - {"package"}
+
+
+def test_imports_only_what_the_action_needs(tmp_path):
+    """A client command imports nothing beyond epmd.py's top-level imports
+    (none of the daemon's, the hand-over's or -status's); an idle daemon
+    adds resource (its RLIMIT_NOFILE) and nothing of json, zlib,
+    subprocess, ctypes, syslog until it uses them."""
+    base = imported(["-c", BASE_IMPORTS], env=base_env())
+    port = free_port()
+    err = tmp_path / "daemon.err"
+    with open(err, "wb") as f:
+        d = subprocess.Popen([sys.executable, "-X", "importtime", str(ROOT / "epmd.py"), "-port",
+                              str(port), "-address", "127.0.0.1"], env=base_env(),
+                             stdout=subprocess.DEVNULL, stderr=f)
+    try:
+        assert wait_until(lambda: _names(port) is not None, 10)
+        for action in (["-names"], ["-dump"], ["-started"], ["-stop", "nosuchnode"], ["-status"]):
+            extra = imported([str(ROOT / "epmd.py"), "-port", str(port)] + action,
+                             env=base_env()) - base
+            assert extra == set(), (action, extra)
+    finally:
+        d.terminate()
+        d.wait(5)
+    assert _modules(err.read_bytes()) - base == {"resource"}

@@ -28,6 +28,12 @@ Figures:
            kernel drops in the rush adds its 1 s retransmission) and until
            99% are, requests without a (right) reply, and the daemon's peak
            RSS (VmHWM)
+  forms    each way of running it (the script `python3 epmd.py`, `python3 -m
+           epmd` in its folder, `make install`'s launcher; OTP's binary):
+           `-names` wall time per call, start to serving, idle daemon RSS,
+           beside the floor (`python3 -c "import socket, selectors"`, start
+           to exit; its RSS with the daemon's imports, asleep), medians of
+           --form-runs rounds (default 20)
 """
 
 import argparse
@@ -382,14 +388,182 @@ def fig_burst(impl, a):
         d.stop()
 
 
+# -- forms: each way epmd.py is run, beside the interpreter's floor (issue 22) --------
+
+FORM_RUNS = 20                      # --form-runs: rounds of the forms figure (>= 10)
+FLOOR = "import socket, selectors"  # the floor: the interpreter starting with these, to exit
+# the floor's idle process: the daemon's own imports, asleep
+FLOOR_IDLE = "import socket, selectors, signal, struct, sys, time; print(flush=True); time.sleep(60)"
+FORM_IDLE = 0.5                     # seconds a daemon idles before its RSS is read
+
+
+def forms(impl, tmp):
+    """The forms of *impl* to measure: {name: (argv before the options, cwd)}.
+    "py": the script (`python3 epmd.py`, the copy-one-file form), the
+    byte-compiled module (`python3 -m epmd` in the file's folder), and `make
+    install`'s launcher (installed into *tmp* for this interpreter, when make
+    works); "base": --baseline's script; "otp": OTP's binary."""
+    if impl == "otp":
+        return {"otp": ([otp_epmd()], None)}
+    if impl == "base":
+        return {"script": ([sys.executable, str(BASELINE)], None)}
+    out = {"script": ([sys.executable, str(ROOT / "epmd.py")], None),
+           "module": ([sys.executable, "-m", "epmd"], str(ROOT))}
+    # the byte code of -m: its first run writes it, unless PYTHONDONTWRITEBYTECODE
+    # is set or the folder is not writable; py_compile writes it in any case
+    subprocess.run([sys.executable, "-m", "py_compile", str(ROOT / "epmd.py")], check=True)
+    p = subprocess.run(["make", "-s", "-C", str(ROOT), "install", "PREFIX=%s" % tmp,
+                        "PYTHON=%s" % sys.executable], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE)
+    if p.returncode == 0:
+        out["launcher"] = ([os.path.join(tmp, "bin", "epmd")], None)
+    else:
+        print("   forms: no launcher, make install failed: %s" % p.stderr.decode()[-300:],
+              file=sys.stderr)
+    return out
+
+
+def on_cpu0():
+    """preexec_fn of the forms' daemons and floor: CPU 0 when there are two
+    (this section's own, so that it does not depend on the rest of the file)."""
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {0})
+
+
+def form_env():
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith("ERL_EPMD") and k not in ("PYTHONPATH", "EPMD_PY_CLIENT_TIMEOUT")}
+
+
+def timed_run(argv, cwd=None):
+    """Run *argv* to its exit; return the wall seconds (RunError if it fails)."""
+    t0 = time.perf_counter()
+    p = subprocess.run(argv, cwd=cwd, env=form_env(), stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RunError("%s exited with %d" % (" ".join(argv), p.returncode))
+    return t
+
+
+def serving(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(frame(b"n"))
+            return s.recv(4) == U32.pack(port)
+    except OSError:
+        return False
+
+
+def start_form(exe, cwd, otp=False):
+    """Start a daemon as *exe* (in *cwd*) on a free port, pinned to CPU 0;
+    return (the Popen, its port, seconds from spawn to answering NAMES_REQ).
+    OTP's gets no -address: before erts 15.2.7.12 it binds 127.0.0.1 itself
+    and then collides with the listed one (D17)."""
+    port = free_port()
+    args = ["-port", str(port)] + ([] if otp else ["-address", "127.0.0.1"])
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(exe + args, cwd=cwd, env=form_env(), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=on_cpu0, close_fds=True)
+    while not serving(port):
+        if proc.poll() is not None or time.perf_counter() - t0 > 10:
+            proc.kill()
+            proc.wait()
+            raise RunError("%s did not start" % " ".join(exe))
+        time.sleep(0.0005)
+    return proc, port, time.perf_counter() - t0
+
+
+def stop_form(proc):
+    proc.terminate()
+    try:
+        proc.wait(3)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(3)
+
+
+def fig_forms(impl, a):
+    """-names wall time per call, start to serving, and idle RSS of each form
+    of *impl*, FORM_RUNS rounds, the forms in turn within a round; with
+    "py", the floor too (FLOOR start to exit, spawned as the daemons are,
+    and FLOOR_IDLE's RSS). The clients ask one daemon started from the
+    script and run on CPU 1 (the bench itself moves there, so that they
+    are spawned as the floor is). Medians: client_ms_FORM, start_ms_FORM,
+    rss_kb_FORM, floor_ms, floor_start_ms, floor_rss_kb."""
+    import tempfile
+    tmp = tempfile.mkdtemp(prefix="epmd-bench-forms-")
+    try:
+        todo = forms(impl, tmp)
+        if impl == "py":
+            todo["floor"] = ([sys.executable, "-c", FLOOR], None)
+        d, port, _ = start_form([sys.executable, str(ROOT / "epmd.py")], None)
+        mask = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        if mask is not None and os.cpu_count() and os.cpu_count() > 1:
+            os.sched_setaffinity(0, {1})
+        vals = {}
+        try:
+            for rnd in range(-1, a.form_runs):      # round -1: warm-up (writes __pycache__)
+                for form, (exe, cwd) in todo.items():
+                    argv = exe if form == "floor" else exe + ["-port", str(port), "-names"]
+                    t = timed_run(argv, cwd)
+                    if rnd >= 0:
+                        vals.setdefault("client_ms_" + form, []).append(t * 1000)
+        finally:
+            if mask is not None:
+                os.sched_setaffinity(0, mask)
+            stop_form(d)
+        for _ in range(a.form_runs):
+            for form, (exe, cwd) in todo.items():
+                if form == "floor":
+                    t0 = time.perf_counter()
+                    p = subprocess.Popen(exe, env=form_env(), stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         preexec_fn=on_cpu0, close_fds=True)
+                    p.wait()
+                    vals.setdefault("floor_start_ms", []).append((time.perf_counter() - t0) * 1000)
+                    p = subprocess.Popen([sys.executable, "-c", FLOOR_IDLE], env=form_env(),
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         preexec_fn=on_cpu0, close_fds=True)
+                    p.stdout.readline()
+                    time.sleep(FORM_IDLE)
+                    vals.setdefault("floor_rss_kb", []).append(proc_rss_kb(p.pid))
+                    stop_form(p)
+                    p.stdout.close()
+                    continue
+                proc, _, t = start_form(exe, cwd, otp=impl == "otp")
+                try:
+                    time.sleep(FORM_IDLE)
+                    vals.setdefault("start_ms_" + form, []).append(t * 1000)
+                    vals.setdefault("rss_kb_" + form, []).append(proc_rss_kb(proc.pid))
+                finally:
+                    stop_form(proc)
+    finally:
+        if os.path.exists(os.path.join(tmp, "bin", "epmd")):
+            subprocess.run(["make", "-s", "-C", str(ROOT), "uninstall", "PREFIX=%s" % tmp],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    out = {k: statistics.median(v) for k, v in vals.items()}
+    out["floor_ms"] = out.pop("client_ms_floor", None)
+    if impl == "otp":       # OTP's one form, shown in the OTP column of each form's row
+        for what in ("client_ms", "start_ms", "rss_kb"):
+            v = out.pop(what + "_otp")
+            out.update({"%s_%s" % (what, f): v for f in ("script", "module", "launcher")})
+    return {k: v for k, v in out.items() if v is not None}
+
+
 FIGURES = {
     "port": fig_port, "fixed": fig_fixed, "lat": fig_lat, "names": fig_names,
-    "capacity": fig_capacity, "startup": fig_startup, "burst": fig_burst,
+    "capacity": fig_capacity, "startup": fig_startup, "burst": fig_burst, "forms": fig_forms,
 }
 
 # key, label, target: a ratio epmd.py / OTP ("le", "ge"), an absolute value
 # ("abs_le", "abs_ge"), a ratio epmd.py / before ("before_le", with --baseline
-# only), or the burst's rule
+# only), the burst's rule, or a bound from the floor measured in the same run
+# ("floor_plus": at most the floor's figure (its key given) + N; "floor_times":
+# at most N times it)
 ROWS = [
     ("port_us", "daemon CPU us per PORT_PLEASE2 (32 clients, closed loop)", ("le", 1.0)),
     ("port_user_us", "  of which user (interpreter) us", ("before_le", 0.5)),
@@ -406,6 +580,19 @@ ROWS = [
     ("burst_failed", "  requests without a right reply", ("abs_le", 0)),
     ("burst_started_s", "  s over which the load processes started them", None),
     ("burst_hwm_kb", "  daemon peak RSS kB (VmHWM)", None),
+    ("floor_ms", "floor: python3 -c 'import socket, selectors' ms, start to exit", None),
+    ("client_ms_script", "-names ms per call: python3 epmd.py (copy-one-file)", None),
+    ("client_ms_module", "  python3 -m epmd (byte-compiled)", ("floor_plus", "floor_ms", 10.0)),
+    ("client_ms_launcher", "  make install's launcher (byte-compiled)",
+     ("floor_plus", "floor_ms", 10.0)),
+    ("floor_start_ms", "floor ms, start to exit, spawned as the daemons", None),
+    ("start_ms_script", "start to serving ms: python3 epmd.py", None),
+    ("start_ms_module", "  python3 -m epmd", ("floor_plus", "floor_start_ms", 15.0)),
+    ("start_ms_launcher", "  make install's launcher", ("floor_plus", "floor_start_ms", 15.0)),
+    ("floor_rss_kb", "floor RSS kB: socket, selectors, signal, struct imported, asleep", None),
+    ("rss_kb_script", "idle daemon RSS kB: python3 epmd.py", ("floor_times", "floor_rss_kb", 1.3)),
+    ("rss_kb_module", "  python3 -m epmd", ("floor_times", "floor_rss_kb", 1.3)),
+    ("rss_kb_launcher", "  make install's launcher", ("floor_times", "floor_rss_kb", 1.3)),
 ]
 
 
@@ -426,6 +613,8 @@ def main(argv):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dur", type=float, default=5.0)
     ap.add_argument("--only", default=",".join(FIGURES))
+    ap.add_argument("--form-runs", type=int, default=FORM_RUNS,
+                    help="rounds of the forms figure (default %(default)s; medians want >= 10)")
     ap.add_argument("--baseline", metavar="EPMD_PY",
                     help="also measure this epmd.py (e.g. `git show REV:epmd.py > old.py`) in the same "
                          "run, as the column 'before', with the ratio of epmd.py to it")
@@ -439,7 +628,7 @@ def main(argv):
     failed = False
     for name in a.only.split(","):
         fig = FIGURES[name]
-        reps = 1 if name in ("capacity", "startup") else a.reps
+        reps = 1 if name in ("capacity", "startup", "forms") else a.reps
         for rep in range(reps):
             order = impls if rep % 2 == 0 else impls[::-1]
             for impl in order:
@@ -470,7 +659,7 @@ def main(argv):
         ratio = py / otp if py is not None and otp else None
         tgt, met = "", None
         if target:
-            sense, value = target
+            sense, value = target[0], target[-1]
             if sense == "le" and ratio is not None:
                 tgt, met = "ratio <= %g" % value, ratio <= value
             elif sense == "ge" and ratio is not None:
@@ -479,6 +668,13 @@ def main(argv):
                 tgt, met = ">= %g" % value, py >= value
             elif sense == "abs_le" and py is not None:
                 tgt, met = "<= %g" % value, py <= value
+        if target and target[0] in ("floor_plus", "floor_times"):
+            sense, floor_key, value = target
+            floor = statistics.median(results["py"][floor_key]) if results["py"].get(floor_key) else None
+            if py is not None and floor is not None:
+                bound = floor + value if sense == "floor_plus" else floor * value
+                tgt = "<= floor %s %g = %s" % ("+" if sense == "floor_plus" else "x", value, fmt(bound))
+                met = py <= bound
             elif sense == "burst":
                 # epmd.py answers all; the time counts where OTP answered all
                 otp_ok = "otp" in results and not any(results["otp"].get("burst_failed", [1]))
