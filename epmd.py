@@ -676,11 +676,12 @@ class NodeTable:
         self.names = None
         if self.changes is not None:
             self.changes.append((REG, node, conn, dropped))
-        log.dbg_tty_printf(1, "registering '%s:%d', port %d", name, node.creation, node.port)
-        if req.highvsn != 0:
-            log.dbg_tty_printf(1, "type %d proto %d highvsn %d lowvsn %d",
-                               req.nodetype, req.protocol, req.highvsn, req.lowvsn)
-        self.print_names()
+        if log.level:               # the lines' arguments cost more than the test
+            log.dbg_tty_printf(1, "registering '%s:%d', port %d", name, node.creation, node.port)
+            if req.highvsn != 0:
+                log.dbg_tty_printf(1, "type %d proto %d highvsn %d lowvsn %d",
+                                   req.nodetype, req.protocol, req.highvsn, req.lowvsn)
+            self.print_names()
         return node
 
     def refused(self, req):
@@ -729,8 +730,10 @@ class NodeTable:
         return t
 
     def _unreg(self, node):
-        self.log.dbg_tty_printf(1, "unregistering '%s:%d', port %d",
-                                node.name, node.creation, node.port)
+        log = self.log
+        if log.level:               # the line's arguments cost more than the test
+            log.dbg_tty_printf(1, "unregistering '%s:%d', port %d",
+                               node.name, node.creation, node.port)
         del self.reg[node.name]
         self.names = None
         conn = node.conn
@@ -750,7 +753,8 @@ class NodeTable:
             del unreg[dropped]
         if self.changes is not None:
             self.changes.append((UNREG, node, conn, dropped))
-        self.print_names()
+        if log.level >= 3:
+            self.print_names()
 
     def node_unreg(self, name):
         """Unregister *name*; return the Connection that held it (OTP
@@ -3795,7 +3799,8 @@ class Epmd(Handover):
         only the node this connection registered is unregistered.
         """
         log = self.log
-        log.dbg_printf(1, "** got ALIVE2_REQ")
+        if log.level:
+            log.dbg_printf(1, "** got ALIVE2_REQ")
         if self.refuse_remote(conn, "ALIVE2_REQ"):
             return
         try:
@@ -3814,8 +3819,9 @@ class Epmd(Handover):
         else:
             resp = pack_alive2_resp(RESULT_OK, node.creation, req.highvsn)
         sent = self.reply(conn, (resp,), last=node is None)
-        log.dbg_tty_printf(1, "** %s ALIVE2_RESP for \"%s\"",
-                           "sent" if sent else "failed to send", req.name)
+        if log.level:
+            log.dbg_tty_printf(1, "** %s ALIVE2_RESP for \"%s\"",
+                               "sent" if sent else "failed to send", req.name)
         if not sent:
             if node is not None:
                 self.nodes.node_unreg_sock(conn)  # D1: never another connection's node

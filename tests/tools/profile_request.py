@@ -53,8 +53,29 @@ def expected_reply():
             + helpers.U16.pack(0))
 
 
+CHURN_NAMES = 1000      # names the churn cycles go round (each closed long before it returns)
+
+
+def churn_client(port, n):
+    """*n* register/unregister cycles, one at a time: connect, ALIVE2_REQ,
+    read ALIVE2_X_RESP, close; then KILL_REQ once the last is gone."""
+    t0 = time.perf_counter()
+    ok = 0
+    for i in range(n):
+        s, reply = helpers.register(port, "churn%d" % (i % CHURN_NAMES), port=NODE_PORT)
+        ok += reply[:2] == b"v\x00"
+        s.close()
+    secs = time.perf_counter() - t0
+    helpers.wait_until(lambda: helpers.registered_or_empty(port) == [], 10)
+    assert helpers.request(port, b"k") == b"OK"
+    return {"ok": ok, "failed": n - ok, "bad": 0, "seconds": secs}
+
+
 def client(port, n, conc):
-    """Register the node, send *n* PORT_PLEASE2_REQ, unregister, KILL_REQ."""
+    """Register the node, send *n* PORT_PLEASE2_REQ, unregister, KILL_REQ;
+    with *conc* 0, churn_client's *n* cycles instead."""
+    if conc == 0:
+        return churn_client(port, n)
     node, reply = helpers.register(port, NODE, port=NODE_PORT)
     assert reply[:2] == b"v\x00", reply
     want = expected_reply()
@@ -112,8 +133,9 @@ def profile(n, conc, top, path):
     rows.sort(key=lambda r: (-r[0], r[3]))
     total_tt = sum(v[2] for v in stats.stats.values())
     waited = sum(v[2] for k, v in stats.stats.items() if k[2] == "<method 'poll' of 'select.epoll' objects>")
-    print("# cProfile of epmd.py, %d PORT_PLEASE2_REQ, %d at a time, Python %s; %d ok"
-          % (n, conc, sys.version.split()[0], out["ok"]))
+    print("# cProfile of epmd.py, %d %s, %d at a time, Python %s; %d ok"
+          % (n, "register/unregister cycles" if conc == 0 else "PORT_PLEASE2_REQ", max(conc, 1),
+             sys.version.split()[0], out["ok"]))
     print("# profiled time per request, without the wait in epoll (inflated by the profiler): %.1f us"
           % ((total_tt - waited) / n * 1e6))
     print("%8s %10s %10s  %s" % ("calls/req", "own us/req", "cum us/req", "function"))
@@ -154,8 +176,9 @@ def callgrind(n, conc, path):
     with tempfile.TemporaryDirectory() as tmp:
         i1 = callgrind_run(n, conc, tmp, path)
         i2 = callgrind_run(2 * n, conc, tmp, path)
-    print("# callgrind, %s daemon, PORT_PLEASE2_REQ, %d at a time, Python %s"
-          % (path, conc, sys.version.split()[0]))
+    print("# callgrind, %s daemon, %s, %d at a time, Python %s"
+          % (path, "register/unregister cycles" if conc == 0 else "PORT_PLEASE2_REQ", max(conc, 1),
+             sys.version.split()[0]))
     print("instructions: %d requests %d, %d requests %d; per request %.0f"
           % (n, i1, 2 * n, i2, (i2 - i1) / n))
 
@@ -171,7 +194,11 @@ def main(argv):
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--callgrind", action="store_true")
     ap.add_argument("--epmd", type=Path, default=helpers.EPMD_PY)
+    ap.add_argument("--churn", action="store_true",
+                    help="register/unregister cycles instead of PORT_PLEASE2_REQ")
     a = ap.parse_args(argv)
+    if a.churn:
+        a.conc = 0
     if a.callgrind:
         callgrind(a.n, a.conc, a.epmd.resolve())
     else:
