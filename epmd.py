@@ -741,8 +741,6 @@ class NodeTable:
             conn.node = None
         node.conn = None
         node.resp = None
-        if node.holder is not None and hasattr(node.holder[1], "close"):
-            node.holder[1].close()  # a HolderScan under way: its directories
         node.holder = None          # nothing of a search outlives the registration
         self.asked.clear()
         unreg = self.unreg
@@ -2877,7 +2875,6 @@ class Diagnostics:
         scan.step(time.monotonic() + DIAG_LOOKUP_BUDGET)
         verdict = scan.describe()
         if scan.done:
-            scan.close()
             node.holder = (conn, verdict)
             self.searching = None
         return "held by %s, %s" % (verdict, when)
@@ -2886,7 +2883,6 @@ class Diagnostics:
         """End the search under way, if any (one at a time daemon-wide)."""
         node, self.searching = self.searching, None
         if node is not None and node.holder is not None and not isinstance(node.holder[1], str):
-            node.holder[1].close()
             node.holder = None
 
 
@@ -2904,12 +2900,14 @@ class HolderScan:
     and searched for ``socket:[inode]``.  A process this one may not read
     (another user's, unless root) is counted in ``denied`` and skipped
     without a walk.  The deadline is tested before every system call.
-    What it holds between steps is two directory iterators and counters,
-    whatever the number of processes or descriptors; close() releases
-    them.  ``done`` once the answer is final.
+    Between steps it holds no descriptor, only where it stopped: the last
+    pid taken (/proc lists pids in ascending order) and the last descriptor
+    read of that process (its fd directory lists them in ascending order
+    too); a step opens the directories again and skips to there.  ``done`` once
+    the answer is final.
     """
 
-    __slots__ = ("family", "peer", "own", "uid", "inode", "procs", "phase", "current",
+    __slots__ = ("family", "peer", "own", "uid", "inode", "after", "phase", "current",
                  "pid", "denied", "done", "gone", "euid", "me")
 
     def __init__(self, family, peer, own):
@@ -2918,9 +2916,9 @@ class HolderScan:
         self.own = own
         self.uid = None
         self.inode = None
-        self.procs = None           # os.scandir("/proc") under way, or None
+        self.after = 0              # the last pid taken in this phase of the /proc walk
         self.phase = 0              # 0: the owner's processes; 1: the others (root); 2: done
-        self.current = None         # (pid, os.scandir of its fd directory) cut short
+        self.current = None         # (pid, last descriptor read) of a process cut short
         self.pid = None
         self.denied = 0
         self.done = False
@@ -2950,63 +2948,97 @@ class HolderScan:
         """Search until done or *deadline* (a time.monotonic() value)."""
         if self.done or (self.inode is None and not self.find_socket(deadline)):
             return
+        procs = [None]              # this step's os.scandir("/proc"), closed at its end
+        try:
+            self.walk(deadline, procs)
+        finally:
+            if procs[0] is not None:
+                procs[0].close()
+
+    def walk(self, deadline, procs):
+        """step's search: the processes from where the last step stopped."""
         link = SOCKET_LINK % self.inode
         while time.monotonic() <= deadline:
             if self.current is None:
-                pid = self.next_pid(deadline)
+                pid = self.next_pid(deadline, procs)
                 if pid is None:
-                    self.finish()
+                    self.done = True
                     return
                 if pid < 0:                 # the deadline, while choosing
                     return
-                try:
-                    self.current = (pid, os.scandir("/proc/%d/fd" % pid))
-                except PermissionError:
-                    self.denied += 1
-                    continue
-                except OSError:             # gone meanwhile
-                    continue
-            pid, fds = self.current
+                self.current = (pid, -1)
+            pid, last = self.current
+            found = self.search_fds(pid, last, link, deadline)
+            if found:
+                self.pid = pid
+                self.done = True
+                return
+            if found is None:               # the deadline: resume there next time
+                return
+
+    def search_fds(self, pid, last, link, deadline):
+        """Look through /proc/*pid*/fd, the descriptors after *last*, for
+        *link*: True when found, False when not there (or not readable:
+        denied, or gone), None at the deadline (``current`` then says how
+        far)."""
+        try:
+            fds = os.scandir("/proc/%d/fd" % pid)
+        except PermissionError:
+            self.denied += 1
+            self.current = None
+            return False
+        except OSError:                     # gone meanwhile
+            self.current = None
+            return False
+        with fds:
             while True:
                 if time.monotonic() > deadline:
-                    return
+                    self.current = (pid, last)
+                    return None
                 try:
                     entry = next(fds)
                 except (StopIteration, OSError):
-                    fds.close()
                     self.current = None
-                    break
+                    return False
+                fd = int(entry.name)
+                if fd <= last:
+                    continue
+                last = fd
                 try:
                     if os.readlink(entry.path) == link:
-                        self.pid = pid
-                        self.finish()
-                        return
+                        return True
                 except OSError:
                     pass
 
-    def next_pid(self, deadline):
+    def next_pid(self, deadline, procs):
         """The next process to search: the socket owner's, then (root only)
-        the others'; None when all were searched, -1 at the deadline."""
+        the others'; None when all were searched, -1 at the deadline.
+        *procs* holds this step's iterator over /proc."""
         while True:
             if time.monotonic() > deadline:
                 return -1
-            if self.procs is None:
+            if procs[0] is None:
                 if self.phase > (1 if self.euid == 0 else 0):
                     return None
                 try:
-                    self.procs = os.scandir("/proc")
+                    procs[0] = os.scandir("/proc")
                 except OSError:
                     return None
             try:
-                entry = next(self.procs)
+                entry = next(procs[0])
             except (StopIteration, OSError):
-                self.procs.close()
-                self.procs = None
+                procs[0].close()
+                procs[0] = None
                 self.phase += 1
+                self.after = 0
                 continue
             name = entry.name
-            if not name.isdigit() or int(name) == self.me:
+            if not name.isdigit():
                 continue
+            pid = int(name)
+            if pid <= self.after or pid == self.me:
+                continue
+            self.after = pid
             try:
                 uid = entry.stat(follow_symlinks=False).st_uid
             except OSError:                 # gone meanwhile
@@ -3016,21 +3048,7 @@ class HolderScan:
             if self.euid != 0 and uid != self.euid:
                 self.denied += 1            # not readable: skipped without a walk
                 continue
-            return int(name)
-
-    def finish(self):
-        """The answer is final: release what the search holds."""
-        self.done = True
-        self.close()
-
-    def close(self):
-        """Close the directory iterators (the search can no longer resume)."""
-        if self.current is not None:
-            self.current[1].close()
-            self.current = None
-        if self.procs is not None:
-            self.procs.close()
-            self.procs = None
+            return pid
 
     def describe(self, why=None):
         """``pid N (command), connected from A`` or what is known instead."""
