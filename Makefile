@@ -1,6 +1,6 @@
 # epmd.py: test, lint, man page, install.
 #
-#   make test [TEST_JOBS=2]        run the tests (creates .venv), TEST_JOBS
+#   make test [TEST_JOBS=4]        run the tests (creates .venv), TEST_JOBS
 #                                  pytest-xdist workers side by side
 #                                  (TEST_JOBS=0: one process)
 #   make test-pythons              the wire, erl and client tests with epmd.py
@@ -28,7 +28,7 @@ PYTEST_ARGS ?=
 # Two workers: this project's machines have two cores.  --dist loadgroup keeps
 # tests marked xdist_group on one worker; tests marked `alone` wait until
 # nothing else runs (tests/conftest.py).
-TEST_JOBS ?= 2
+TEST_JOBS ?= 4
 
 PREFIX ?= /usr/local
 BINDIR ?= $(PREFIX)/bin

@@ -10,7 +10,7 @@ import pytest
 from helpers import OTP_EPMD, Daemon, NetNS, base_env, free_port, need
 
 
-# -- running in parallel (pytest-xdist, `make test` runs two workers) ----------
+# -- running in parallel (pytest-xdist, `make test` runs four workers) ----------
 #
 # Every test starts its own daemons on its own free port (each worker draws
 # ports from its own range: helpers.free_port), so tests run side by side.
