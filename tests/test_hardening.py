@@ -646,7 +646,8 @@ def test_socket_fuzz(start_ours):
     assert sorted(registered(d.port))[:5] == [b"keep%d" % i for i in range(5)]
     for i in range(5):
         assert request(d.port, b"zkeep%d" % i)[:4] == b"w\x00" + U16.pack(7000 + i)
-    assert wait_until(lambda: proc_fds(d.pid) == base_fds, 15)    # a loaded host: timed-out ones close within 2-3 s of their last byte
+    # on a loaded host too: timed-out ones close within 2-3 s of their last byte
+    assert wait_until(lambda: proc_fds(d.pid) == base_fds, 15)
     figure("socket fuzz, 3,000 packets: RSS growth kB", proc_rss_kb(d.pid) - rss0)
     assert proc_rss_kb(d.pid) - rss0 < 2048
     for s in nodes.values():
