@@ -413,6 +413,10 @@ def _last_after(d, first):
     return None
 
 
+# alone (tests/conftest.py): one refusal only (erl exits), so its holder
+# search must finish within its 5 ms budget, which the processes of other
+# workers' tests (more of /proc to walk, less CPU) can exhaust.
+@pytest.mark.alone
 def test_duplicate_erl_node_names_holder(start_ours, erl_nodes):
     """A second `erl -sname X` is refused; after OTP's level-0 line comes one
     naming the first node's PID and command, since when it holds the name,
