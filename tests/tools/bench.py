@@ -452,6 +452,9 @@ FLOOR = "import socket, selectors"  # the floor: the interpreter starting with t
 # the floor's idle process: the daemon's own imports, asleep
 FLOOR_IDLE = "import socket, selectors, signal, struct, sys, time; print(flush=True); time.sleep(60)"
 FORM_IDLE = 0.5                     # seconds a daemon idles before its RSS is read
+# --baseline: the medians of its script form, measured by fig_forms("py") in
+# turn with epmd.py's forms (fig_forms("base") returns them)
+FORMS_BEFORE = {}
 
 
 def forms(impl, tmp):
@@ -548,13 +551,19 @@ def fig_forms(impl, a):
     and FLOOR_IDLE's RSS). The clients ask one daemon started from the
     script and run on CPU 1 (the bench itself moves there, so that they
     are spawned as the floor is). Medians: client_ms_FORM, start_ms_FORM,
-    rss_kb_FORM, floor_ms, floor_start_ms, floor_rss_kb."""
+    rss_kb_FORM, floor_ms, floor_start_ms, floor_rss_kb.  With --baseline,
+    "py" measures the baseline's script form too, in turn with its own in
+    every round, and keeps its medians for "base" (FORMS_BEFORE)."""
+    if impl == "base" and FORMS_BEFORE:
+        return dict(FORMS_BEFORE)
     import tempfile
     tmp = tempfile.mkdtemp(prefix="epmd-bench-forms-")
     try:
         todo = forms(impl, tmp)
         if impl == "py":
             todo["floor"] = ([sys.executable, "-c", FLOOR], None)
+            if BASELINE:
+                todo["before"] = ([sys.executable, str(BASELINE)], None)
         d, port, _ = start_form([sys.executable, str(ROOT / "epmd.py")], None)
         mask = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
         if mask is not None and os.cpu_count() and os.cpu_count() > 1:
@@ -604,6 +613,10 @@ def fig_forms(impl, a):
         shutil.rmtree(tmp, ignore_errors=True)
     out = {k: statistics.median(v) for k, v in vals.items()}
     out["floor_ms"] = out.pop("client_ms_floor", None)
+    if impl == "py" and BASELINE:       # the baseline's script form, for "base"
+        FORMS_BEFORE.clear()
+        FORMS_BEFORE.update({"%s_script" % what: out.pop("%s_before" % what)
+                             for what in ("client_ms", "start_ms", "rss_kb")})
     if impl == "otp":       # OTP's one form, shown in the OTP column of each form's row
         for what in ("client_ms", "start_ms", "rss_kb"):
             v = out.pop(what + "_otp")
@@ -620,7 +633,8 @@ FIGURES = {
 # ("abs_le", "abs_ge"), a ratio epmd.py / before ("before_le", with --baseline
 # only), the burst's rule, or a bound from the floor measured in the same run
 # ("floor_plus": at most the floor's figure (its key given) + N; "floor_times":
-# at most N times it)
+# at most N times it); ("or_before_le", N, OTHER): "before_le" N with
+# --baseline, else the target OTHER (None: none)
 ROWS = [
     ("port_us", "daemon CPU us per PORT_PLEASE2 (32 clients, closed loop)", ("le", 1.0)),
     ("port_user_us", "  of which user (interpreter) us", ("before_le", 0.5)),
@@ -641,12 +655,13 @@ ROWS = [
     ("burst_started_s", "  s over which the load processes started them", None),
     ("burst_hwm_kb", "  daemon peak RSS kB (VmHWM)", None),
     ("floor_ms", "floor: python3 -c 'import socket, selectors' ms, start to exit", None),
-    ("client_ms_script", "-names ms per call: python3 epmd.py (copy-one-file)", None),
+    ("client_ms_script", "-names ms per call: python3 epmd.py (copy-one-file)",
+     ("or_before_le", 1.0, None)),
     ("client_ms_module", "  python3 -m epmd (byte-compiled)", ("floor_plus", "floor_ms", 10.0)),
     ("client_ms_launcher", "  make install's launcher (byte-compiled)",
      ("floor_plus", "floor_ms", 10.0)),
     ("floor_start_ms", "floor ms, start to exit, spawned as the daemons", None),
-    ("start_ms_script", "start to serving ms: python3 epmd.py", None),
+    ("start_ms_script", "start to serving ms: python3 epmd.py", ("or_before_le", 1.0, None)),
     ("start_ms_module", "  python3 -m epmd", ("floor_plus", "floor_start_ms", 15.0)),
     ("start_ms_launcher", "  make install's launcher", ("floor_plus", "floor_start_ms", 15.0)),
     ("floor_rss_kb", "floor RSS kB: socket, selectors, signal, struct imported, asleep", None),
@@ -713,6 +728,8 @@ def main(argv):
     print(head + "  target")
     all_met = True
     for key, label, target in ROWS:
+        if target and target[0] == "or_before_le":
+            target = ("before_le", target[1]) if BASELINE else target[2]
         py = statistics.median(results["py"][key]) if results["py"].get(key) else None
         otp = (statistics.median(results["otp"][key])
                if "otp" in results and results["otp"].get(key) else None)
