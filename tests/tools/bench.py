@@ -19,6 +19,11 @@ Figures:
   lat      single-client PORT_PLEASE2 round trip, median
   names    NAMES requests/s with 100 nodes registered (achieved, and per
            second of daemon CPU)
+  churn    daemon CPU per register/unregister cycle, 32 concurrent clients,
+           closed loop, each cycle connect -> ALIVE2_REQ with a fresh name ->
+           ALIVE2_X_RESP with result 0 -> close (../shared/bench's loadgen -m
+           churn); its user part and the cycles/s achieved; NAMES must then
+           list none of the names
   capacity registrations held at RLIMIT_NOFILE 20,000
   memory   daemon RSS growth per registered node, at 10,000 nodes
   startup  process start to accepting connections, median
@@ -33,7 +38,15 @@ Figures:
            `-names` wall time per call, start to serving, idle daemon RSS,
            beside the floor (`python3 -c "import socket, selectors"`, start
            to exit; its RSS with the daemon's imports, asleep), medians of
-           --form-runs rounds (default 20)
+           --form-runs rounds (default 20); with --baseline its script form
+           too, in the same rounds
+
+Targets (issue 22; ratios epmd.py / OTP's epmd in the same run): daemon CPU
+per PORT_PLEASE2 at 32 clients <= 0.9x, at a paced 5,000 req/s <= 1.0x,
+single-client round trip <= 1.0x, per churn cycle <= 1.0x; NAMES per daemon
+CPU-second >= 5x; >= 19,000 registrations held, <= 1 kB per node.  With
+--baseline, the script form's -names and start to serving <= 1.0x the
+baseline's.  The others are in ROWS.
 """
 
 import argparse
