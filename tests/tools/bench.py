@@ -46,7 +46,7 @@ per PORT_PLEASE2 at 32 clients <= 0.9x, at a paced 5,000 req/s <= 1.0x,
 single-client round trip <= 1.0x, per churn cycle <= 1.0x; NAMES per daemon
 CPU-second >= 5x; >= 19,000 registrations held, <= 1 kB per node.  With
 --baseline, the script form's -names and start to serving <= 1.0x the
-baseline's.  The others are in ROWS.
+baseline's.  The table prints every row's target (ROWS).
 """
 
 import argparse
