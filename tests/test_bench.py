@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import helpers as h
 import pytest
 from helpers import EPMD_PY, base_env
 
@@ -41,3 +42,29 @@ def test_bench_churn_small():
     assert r["churn_rate"] > 100, r
     assert 0 <= r["churn_user_us"] <= r["churn_us"] and r["churn_us"] > 0, r
     assert r["held_left"] == 1, r
+
+
+def test_floor_server_answers_as_epmd():
+    """tests/tools/floor_server.py, make bench's floor, does the wire work of
+    an epmd for the requests it is measured with: ALIVE2_REQ, PORT_PLEASE2_REQ
+    (known and unknown names) and NAMES_REQ, with the node held and after its
+    close, get the same replies (creation aside) as from epmd.py."""
+    floor = EPMD_PY.parent / "tests" / "tools" / "floor_server.py"
+    replies = {}
+    for impl, argv in (("py", [sys.executable, str(EPMD_PY)]), ("floor", [sys.executable, str(floor)])):
+        port = h.free_port()
+        p = subprocess.Popen(argv + ["-port", str(port), "-address", "127.0.0.1"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=base_env())
+        try:
+            assert h.wait_until(lambda: h.names_or_none(port) is not None, 10)
+            node, reply = h.register(port, "flo", port=4242, extra=b"ex")
+            got = [reply[:2], h.request(port, b"zflo"), h.request(port, b"zflx"),
+                   h.request(port, b"n")[4:]]
+            node.close()
+            assert h.wait_until(lambda: h.request(port, b"n")[4:] == b"", 10)
+            replies[impl] = got
+        finally:
+            p.kill()
+            p.wait()
+    assert replies["floor"] == replies["py"]
+    assert replies["py"][0] == b"v\x00" and replies["py"][3] == b"name flo at port 4242\n"

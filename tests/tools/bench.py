@@ -40,6 +40,9 @@ Figures:
            to exit; its RSS with the daemon's imports, asleep), medians of
            --form-runs rounds (default 20); with --baseline its script form
            too, in the same rounds
+The port, lat and churn figures also measure tests/tools/floor_server.py,
+the least a Python selectors loop does per request (no checks, no log), in
+the same run: the rows "the floor" show what Python itself costs beside OTP.
 
 Targets (issue 22; ratios epmd.py / OTP's epmd in the same run): daemon CPU
 per PORT_PLEASE2 at 32 clients <= 0.9x, at a paced 5,000 req/s <= 1.0x,
@@ -192,8 +195,15 @@ def otp_epmd():
 TMP = None          # where the daemons' stderr goes (helpers.Daemon keeps it in a file)
 
 
+# The floor: tests/tools/floor_server.py, the least a Python selectors loop does
+# per request, measured in the same run for these figures (rows "floor:KEY")
+FLOOR_SERVER = ROOT / "tests" / "tools" / "floor_server.py"
+FLOOR_FIGURES = ("port", "lat", "churn")
+
+
 def Daemon(impl):
-    """A helpers.Daemon of *impl* ("py", "otp", or "base" for --baseline) on a
+    """A helpers.Daemon of *impl* ("py", "otp", "base" for --baseline, or
+    "floor", FLOOR_SERVER) on a
     free loopback port, pinned to CPU 0 with RLIMIT_NOFILE at its hard limit,
     started and polled every 0.5 ms until it answers NAMES_REQ, so that
     d.ready_after (process start to accepting connections) is exact to that."""
@@ -205,7 +215,7 @@ def Daemon(impl):
     d = helpers.Daemon("otp" if impl == "otp" else "py", port,
                        ["-port", str(port), "-address", "127.0.0.1"], helpers.base_env(), TMP)
     d.exe = {"py": [sys.executable, str(ROOT / "epmd.py")], "base": [sys.executable, str(BASELINE)],
-             "otp": [otp_epmd()]}[impl]
+             "otp": [otp_epmd()], "floor": [sys.executable, str(FLOOR_SERVER)]}[impl]
     d.cpu = 0
     d.nofile = (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2
     t_spawn = time.perf_counter()
@@ -652,13 +662,16 @@ ROWS = [
     ("port_us", "daemon CPU us per PORT_PLEASE2 (32 clients, closed loop)", ("le", 0.9)),
     ("port_user_us", "  of which user (interpreter) us", ("before_le", 0.5)),
     ("port_rate", "  PORT_PLEASE2 req/s achieved (closed loop)", None),
+    ("floor:port_us", "  the floor: tests/tools/floor_server.py, us", None),
     ("fixed_cpu", "daemon CPU % at 5,000 PORT_PLEASE2 req/s (paced)", ("le", 1.0)),
     ("lat_us", "single-client PORT_PLEASE2 round trip us, median", ("le", 1.0)),
+    ("floor:lat_us", "  the floor: tests/tools/floor_server.py, us", None),
     ("names_cpu_rate", "NAMES req per daemon CPU-second, 100 nodes", ("ge", 5.0)),
     ("names_rate", "  NAMES req/s achieved (closed loop, 32 clients)", None),
     ("churn_us", "daemon CPU us per register/unregister cycle (32 clients)", ("le", 1.0)),
     ("churn_user_us", "  of which user (interpreter) us", None),
     ("churn_rate", "  cycles/s achieved", None),
+    ("floor:churn_us", "  the floor: tests/tools/floor_server.py, us per cycle", None),
     ("capacity", "registrations held at RLIMIT_NOFILE 20,000", ("abs_ge", 19000)),
     ("mem_kb", "daemon RSS kB per registered node (10,000 nodes)", ("abs_le", 1.0)),
     ("startup_ms", "start-up ms, process start to serving, median", ("abs_le", 60.0)),
@@ -712,13 +725,14 @@ def main(argv):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     impls = ["py"] + (["base"] if BASELINE else []) + (["otp"] if otp_epmd() else [])
-    results = {impl: {} for impl in impls}
+    results = {impl: {} for impl in impls + ["floor"]}
     failed = False
     for name in a.only.split(","):
         fig = FIGURES[name]
         reps = 1 if name in ("capacity", "startup", "forms") else a.reps
+        fig_impls = impls + (["floor"] if name in FLOOR_FIGURES else [])
         for rep in range(reps):
-            order = impls if rep % 2 == 0 else impls[::-1]
+            order = fig_impls if rep % 2 == 0 else fig_impls[::-1]
             for impl in order:
                 try:
                     r = fig(impl, a)
@@ -743,7 +757,10 @@ def main(argv):
     for key, label, target in ROWS:
         if target and target[0] == "or_before_le":
             target = ("before_le", target[1]) if BASELINE else target[2]
-        py = statistics.median(results["py"][key]) if results["py"].get(key) else None
+        impl = "py"
+        if key.startswith("floor:"):        # the floor server's figure, beside OTP's
+            impl, key = "floor", key[len("floor:"):]
+        py = statistics.median(results[impl][key]) if results[impl].get(key) else None
         otp = (statistics.median(results["otp"][key])
                if "otp" in results and results["otp"].get(key) else None)
         ratio = py / otp if py is not None and otp else None
@@ -773,7 +790,7 @@ def main(argv):
                 else:
                     tgt = "OTP did not answer all"
         base = None
-        if BASELINE and results["base"].get(key):
+        if BASELINE and impl == "py" and results["base"].get(key):
             base = statistics.median(results["base"][key])
         if target and target[0] == "before_le":
             if py is not None and base:
