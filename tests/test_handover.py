@@ -442,16 +442,37 @@ def test_handover_without_a_readable_state_cleans_up(monkeypatch):
         b.close()
 
 
+def children_of(pid):
+    """{pid: state letter} of the processes whose parent is *pid* (a
+    re-exec's trial run; "Z" once it has exited, until it is reaped)."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out[int(entry)] = fields[0]
+    return out
+
+
 def test_connection_closed_during_handover_is_unregistered_at_once(start_ours):
     """A node that closes its connection while the hand-over is under way
-    (here: during the -delay_accept sleep between the wake-up and the re-exec)
-    is unregistered by the new image straight after the hand-over, its
-    creation kept on the unreg list."""
-    d = start_ours("-d", "-delay_accept", "1")
+    (here: during the -delay_accept sleep of the wake-up that reads the
+    trial run's answer, after which the old image re-executes without
+    another look at its connections) is unregistered by the new image
+    straight after the hand-over, its creation kept on the unreg list."""
+    d = start_ours("-d", "-delay_accept", "2")
     nodes = register_mixed(d.port, 3)
     n = restored_count(d)
     os.kill(d.pid, signal.SIGUSR2)
-    time.sleep(0.3)                       # inside the 1 s sleep after the wake-up
+    # the trial starts after the 2 s sleep of the signal's wake-up; once it
+    # has answered and exited (a zombie), the wake-up that reads its answer
+    # sleeps 2 s before the re-exec
+    assert wait_until(lambda: "Z" in children_of(d.pid).values(), 15, step=0.005)
+    time.sleep(0.3)
     nodes[0]["sock"].close()
     assert wait_until(lambda: restored_count(d) > n, 15)
     gone = "unregistering '%s" % nodes[0]["name"].decode()
@@ -460,7 +481,7 @@ def test_connection_closed_during_handover_is_unregistered_at_once(start_ours):
         log = d.stderr()
         return log[log.rindex("connections restored"):]
     # the new image's first wake-up (it, too, sleeps -delay_accept first)
-    assert wait_until(lambda: gone in after_handover(), 5), after_handover()
+    assert wait_until(lambda: gone in after_handover(), 8), after_handover()
     assert "got ALIVE2_REQ" not in after_handover()
     assert wait_until(lambda: nodes[0]["name"] not in registered(d.port), 5)
     assert b"old/unused name <%s>" % nodes[0]["name"] in dump(d.port)
