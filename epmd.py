@@ -1721,11 +1721,15 @@ def handover_supported(platform=None):
 
 
 def _b64(data):
-    import base64
-    return base64.b64encode(data).decode("ascii")
+    if not data:                # most buffers and extras: empty
+        return ""
+    import binascii
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
 def _unb64(text_):
+    if text_ == "":
+        return b""
     import base64
     import binascii
     try:
@@ -1736,11 +1740,11 @@ def _unb64(text_):
 
 def node_record(node):
     """Return the JSON-able record of a Node (see the state layout above)."""
-    rec = {k: getattr(node, k) for k in HANDOVER_NODE_INTS}
-    rec["name"] = _b64(node.name)
-    rec["extra"] = _b64(node.extra)
-    rec["since"] = node.since
-    return rec
+    # HANDOVER_NODE_INTS, written out: a hand-over makes one per node
+    return {"fd": node.fd, "port": node.port, "nodetype": node.nodetype,
+            "protocol": node.protocol, "highvsn": node.highvsn, "lowvsn": node.lowvsn,
+            "cr_counter": node.cr_counter, "name": _b64(node.name),
+            "extra": _b64(node.extra), "since": node.since}
 
 
 def node_from_record(rec):
@@ -1748,11 +1752,14 @@ def node_from_record(rec):
     HandoverError for a missing or ill-typed field."""
     try:
         node = Node(_unb64(rec["name"]), int(rec["cr_counter"]) & CREATION_MASK)
-        for k in HANDOVER_NODE_INTS[:-1]:
-            value = rec[k]
-            if not isinstance(value, int):
-                raise HandoverError("node field %s is not an integer" % k)
-            setattr(node, k, value)
+        # HANDOVER_NODE_INTS but the counter, written out (one per node)
+        values = (rec["fd"], rec["port"], rec["nodetype"], rec["protocol"], rec["highvsn"],
+                  rec["lowvsn"])
+        if set(map(type, values)) != {int}:
+            for k, value in zip(HANDOVER_NODE_INTS, values):
+                if not isinstance(value, int):
+                    raise HandoverError("node field %s is not an integer" % k)
+        node.fd, node.port, node.nodetype, node.protocol, node.highvsn, node.lowvsn = values
         node.extra = _unb64(rec["extra"])
         node.since = float(rec.get("since", 0.0))
     except (KeyError, TypeError, ValueError) as e:
@@ -1765,7 +1772,7 @@ def conn_record(conn, fdname=None):
     above); *fdname* is its name in systemd's fd store, if stored."""
     return {"fd": conn.fd, "local_peer": conn.local_peer,
             "mod_time": conn.mod_time, "want": conn.want,
-            "buf": _b64(bytes(conn.buf)), "out": _b64(bytes(conn.out)),
+            "buf": _b64(conn.buf), "out": _b64(conn.out),
             "start_time": conn.start_time, "one_read": conn.one_read,
             "state": conn.state, "fdname": fdname}
 
@@ -1918,14 +1925,13 @@ def adopt_socket(fd, blocking):
     inheritable; accepted sockets are of the plain C socket type, as do_accept
     makes them, and stay in blocking mode (MSG_DONTWAIT on every call)."""
     os.set_inheritable(fd, False)
-    probe = socket.socket(fileno=fd)
-    family = int(probe.family)
-    probe.detach()
     if not blocking:
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)
         return sock
-    return socket.SocketType(family, socket.SOCK_STREAM, 0, fd)
+    # the C type finds the family, type and protocol of fd itself (one
+    # object, no Python layer: a hand-over makes one per connection)
+    return socket.SocketType(fileno=fd)
 
 
 HANDOVER_CHECK_ENV = "EPMD_PY_HANDOVER_CHECK"   # set: main() only says what it reads
@@ -2710,6 +2716,7 @@ class Handover:
         Connection}, {fd: the state it had}), with their buffers and time-out
         clocks.  Raises HandoverError when a record is malformed."""
         conns, states = {}, {}
+        known = {READING: READING, REPLYING: REPLYING, KEPT: KEPT}
         try:
             for rec in state["conns"]:
                 fd = rec["fd"]
@@ -2719,7 +2726,7 @@ class Handover:
                 conn.buf = _unb64(rec["buf"])
                 conn.out = _unb64(rec["out"])
                 conn.one_read = bool(rec["one_read"])
-                states[fd] = {READING: READING, REPLYING: REPLYING, KEPT: KEPT}[rec["state"]]
+                states[fd] = known[rec["state"]]
                 conns[fd] = conn
                 if self.fdstore is not None and rec.get("fdname"):
                     self.fdstore.names[fd] = (conn, rec["fdname"])
