@@ -334,6 +334,104 @@ def test_reexec_into_a_file_that_cannot_take_over_is_refused(tmp_path, case):
         d.stop()
 
 
+def held_trial(good, flag):
+    """The bytes of epmd.py (*good*) made into a new image whose trial run
+    (and only that: the re-exec itself does not wait) waits on import until
+    the file *flag* exists."""
+    hold = ("\nwhile os.environ.get(%r) and not os.path.exists(%r):\n    time.sleep(0.005)\n"
+            % (epmd.HANDOVER_CHECK_ENV, str(flag))).encode()
+    return good.replace(b"\nimport time\n", b"\nimport time\n" + hold, 1)
+
+
+def test_trial_runs_while_the_loop_serves(tmp_path):
+    """While the new image's trial run is under way (held here until the
+    test lets it go), the old image serves: a PORT_PLEASE2_REQ is answered
+    and a new node registers; then the trial answers, the re-exec goes on,
+    and every node, the new one too, is handed over."""
+    script, port, d = start_copy(tmp_path)
+    flag = tmp_path / "go"
+    try:
+        good = script.read_bytes()
+        nodes = register_mixed(port, 4)
+        script.write_bytes(held_trial(good, flag))
+        os.kill(d.pid, signal.SIGUSR2)
+        assert wait_until(lambda: children_of(d.pid), 10, step=0.005)
+        trial = list(children_of(d.pid))
+        assert request(port, b"z" + nodes[0]["name"])[:2] == b"w\x00"
+        s, reply = register(port, b"during_trial")
+        assert creation_of(reply) is not None
+        assert list(children_of(d.pid)) == trial        # still being tried
+        assert restored_count(d) == 0
+        flag.touch()
+        assert wait_until(lambda: restored_count(d) == 1, 15), d.stderr()[-2000:]
+        assert sorted(registered(port)) == sorted([n["name"] for n in nodes] + [b"during_trial"])
+        assert not children_of(d.pid)                   # the trial was reaped
+        s.close()
+    finally:
+        d.stop()
+
+
+def test_second_sigusr2_during_a_trial_starts_no_second_trial(tmp_path):
+    """A SIGUSR2 while the new image is being tried starts no second trial:
+    it is logged and ignored; the one trial ends in one re-exec."""
+    script, port, d = start_copy(tmp_path)
+    flag = tmp_path / "go"
+    try:
+        good = script.read_bytes()
+        nodes = register_mixed(port, 2)
+        script.write_bytes(held_trial(good, flag))
+        os.kill(d.pid, signal.SIGUSR2)
+        assert wait_until(lambda: children_of(d.pid), 10, step=0.005)
+        trial = list(children_of(d.pid))
+        os.kill(d.pid, signal.SIGUSR2)
+        assert wait_until(lambda: "SIGUSR2 ignored: the new image is being tried already (pid %d)"
+                          % trial[0] in d.stderr(), 10), d.stderr()[-2000:]
+        assert list(children_of(d.pid)) == trial
+        flag.touch()
+        assert wait_until(lambda: restored_count(d) == 1, 15), d.stderr()[-2000:]
+        # the new image serves, and nothing of the second signal is left
+        assert sorted(registered(port)) == sorted(n["name"] for n in nodes)
+        assert not children_of(d.pid)
+        assert restored_count(d) == 1
+        assert d.stderr().count("SIGUSR2: re-executing") == 1
+    finally:
+        d.stop()
+
+
+def test_trial_that_overruns_is_killed_and_reaped(tmp_path):
+    """A new image whose trial run does not answer within the check's time
+    (HANDOVER_CHECK_TIMEOUT, 1 s in this copy) is killed by its PID and
+    reaped (no zombie left), the refusal logged; the old image serves on
+    with every node, and re-executes once the file is mended."""
+    script = copy_of_epmd(tmp_path)
+    good = script.read_bytes().replace(b"\nHANDOVER_CHECK_TIMEOUT = 5.0 ", b"\nHANDOVER_CHECK_TIMEOUT = 1.0 ")
+    assert good != script.read_bytes()
+    script.write_bytes(good)
+    port = free_port()
+    d = Daemon("py", port, ["-port", str(port), "-address", "127.0.0.1"], base_env(), tmp_path)
+    d.exe = [sys.executable, str(script)]
+    d.start()
+    try:
+        nodes = register_mixed(port, 3)
+        script.write_bytes(held_trial(good, tmp_path / "never"))
+        os.kill(d.pid, signal.SIGUSR2)
+        assert wait_until(lambda: children_of(d.pid), 10, step=0.005)
+        trial = list(children_of(d.pid))[0]
+        says = "re-exec refused, the old image keeps serving: the new image did not answer " \
+               "the hand-over check within 1 s"
+        assert wait_until(lambda: says in d.stderr(), 15), d.stderr()[-2000:]
+        assert wait_until(lambda: not os.path.exists("/proc/%d" % trial), 5)
+        assert not children_of(d.pid)
+        assert d.alive()
+        assert sorted(registered(port)) == sorted(n["name"] for n in nodes)
+        assert restored_count(d) == 0
+        script.write_bytes(good)
+        reexec(d)
+        assert sorted(registered(port)) == sorted(n["name"] for n in nodes)
+    finally:
+        d.stop()
+
+
 @pytest.mark.parametrize("case", ["file_0666_other_owner", "dir_0777", "file_group_writable"])
 def test_reexec_refuses_a_file_others_can_change(tmp_path, case):
     """The program file (or its directory) can be changed by someone other
