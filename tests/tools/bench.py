@@ -34,6 +34,10 @@ Figures:
            beside the floor (`python3 -c "import socket, selectors"`, start
            to exit; its RSS with the daemon's imports, asleep), medians of
            --form-runs rounds (default 20)
+  handover 10,000 nodes through a SIGUSR2 hand-over (re-exec): seconds not
+           serving (the longest gap between answered lookups of a 1 ms
+           probe), median of 5 hand-overs, as the script and as -m; OTP's
+           epmd has none
 """
 
 import argparse
@@ -595,6 +599,49 @@ ROWS = [
     ("rss_kb_launcher", "  make install's launcher", ("floor_times", "floor_rss_kb", 1.3)),
 ]
 
+
+# -- handover: 10,000 nodes through a SIGUSR2 hand-over (issue 22) --------------------
+# A block of its own (the figure, its rows): tests/tools/handover_pause.py
+# measures; OTP's epmd has no hand-over (a restart loses every name), so its
+# column stays empty.
+
+HANDOVER_NODES = 10000              # raw-socket nodes registered
+HANDOVER_RUNS = 5                   # hand-overs per run (the run's figure: their median)
+
+
+def fig_handover(impl, a):
+    """Time not serving across a SIGUSR2 hand-over with HANDOVER_NODES nodes:
+    the longest gap between two answered PORT_PLEASE2_REQs of a 1 ms probe
+    (on CPU 1; the daemon on CPU 0), median of HANDOVER_RUNS hand-overs in a
+    row, as the script and as `python3 -m epmd`; none for OTP."""
+    from tests.tools import handover_pause
+    if impl == "otp":
+        return {}
+    epmd_py = Path(BASELINE).resolve() if impl == "base" else ROOT / "epmd.py"
+    out = {}
+    for form in ("script", "module"):
+        if form == "module" and impl == "base":
+            continue
+        try:
+            runs = handover_pause.run(HANDOVER_NODES, HANDOVER_RUNS, form, epmd_py)
+        except RuntimeError as e:
+            raise RunError("hand-over (%s): %s" % (form, e)) from None
+        pauses = [r["pause"] for r in runs]
+        if any(r["failed"] for r in runs):
+            raise RunError("hand-over (%s): lookups failed" % form)
+        key = "handover_s" if form == "script" else "handover_module_s"
+        out[key] = statistics.median(pauses)
+        out[key.replace("_s", "_max_s")] = max(pauses)
+    return out
+
+
+FIGURES["handover"] = fig_handover
+ROWS += [
+    ("handover_s", "hand-over: s not serving, 10,000 nodes, SIGUSR2 (OTP: none)", ("abs_le", 0.2)),
+    ("handover_max_s", "  the slowest of %d hand-overs" % HANDOVER_RUNS, None),
+    ("handover_module_s", "  s not serving as python3 -m epmd", None),
+    ("handover_module_max_s", "  the slowest of %d, python3 -m epmd" % HANDOVER_RUNS, None),
+]
 
 def fmt(v):
     if v is None or v != v:
