@@ -634,6 +634,56 @@ def test_state_round_trip_and_corruption():
                                                      "epmd-local.socket", "epmd-node-x"))
 
 
+def test_packed_state_is_pack_state_of_handover_state():
+    """exec_image's packed_state (each record written by a template) makes
+    the bytes of pack_state(handover_state()), json.dumps of the records,
+    byte for byte: registered nodes of both node types and versions, with
+    extras of any bytes and UTF-8 names, the unreg list, connections in
+    flight with buffers (read and to write) in every state, local and
+    remote, one in systemd's fd store by its FDNAME, options with an
+    address list."""
+    import io
+    import socket
+    log = epmd.DebugLog(2, out=io.BytesIO())
+    e = epmd.Epmd(port=4370, address="127.0.0.1,::1", relaxed=True, log=log)
+    e.listeners = [socket.socket()]
+    e.fdstore = epmd.FdStore({}, log, 99, 10)
+    pairs = []
+    try:
+        for i, state in enumerate([epmd.KEPT, epmd.KEPT, epmd.READING, epmd.REPLYING, epmd.KEPT]):
+            a, b = socket.socketpair()
+            pairs.append((a, b))
+            conn = epmd.Connection(a, a.fileno(), i % 2 == 0, 1000 + i)
+            conn.state, conn.start_time, conn.one_read = state, 990 + i, i == 3
+            if state is epmd.READING:
+                conn.buf, conn.want = b"\x00\x10z\xff\x00", 18
+            elif state is epmd.REPLYING:
+                conn.out = bytes(range(200))
+            else:
+                node = epmd.Node(("n%d_\u00f8\u4e2d" % i).encode(), 0xFFFFFFF0 + i)
+                node.fd, node.port, node.nodetype = conn.fd, 5000 + i, 77 if i else 72
+                node.highvsn, node.lowvsn = (6, 5) if i else (5, 5)
+                node.extra = bytes(range(i * 50)) + b'"\\'
+                node.since = 1790000000.123456 + i
+                e.nodes.node_restore(node, conn)
+            e.conns[conn.fd] = conn
+            if i == 1:
+                e.fdstore.names[conn.fd] = (conn, "epmd-node-7")
+        for i in range(3):
+            old = epmd.Node(b"old%d" % i, 17 + i)
+            old.since = float(i)
+            e.nodes.node_restore(old, None)
+        data, fds, count = e.packed_state()
+        assert data == epmd.pack_state(e.handover_state())
+        assert fds == list(e.conns) and count == 3
+        assert epmd.unpack_state(data)["conns"][1]["fdname"] == "epmd-node-7"
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+        e.listeners[0].close()
+
+
 def test_request_in_flight_is_handed_over(start_ours):
     """A request half sent when the re-exec happens is finished by the new
     image: the rest of the packet arrives after it, the reply is right."""
