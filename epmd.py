@@ -66,11 +66,13 @@ C sources carry its name (epmd_srv.c unless said):
                                sd_notify
     hand-over                  re-exec on SIGUSR2 (D16): pack_state,
                                unpack_state, apply_records, take_handover;
-                               open_image, check_image, try_image (what a
-                               re-exec checks first); FdStore (systemd's fd
-                               store); the Handover mixin of Epmd
-                               (handover_state, reexec, restore_handover,
-                               fdstore_sync)
+                               open_image, check_image, start_trial,
+                               trial_verdict, Trial (what a re-exec checks
+                               first, the trial run while the loop serves);
+                               node_json, conn_json (the records as text);
+                               FdStore (systemd's fd store); the Handover
+                               mixin of Epmd (handover_state, reexec,
+                               restore_handover, fdstore_sync)
     diagnostics                sock_diag_find, socket_pids, HolderScan,
                                Diagnostics (the refusal lines, D25/D26)
     server                     in_order (the order of one wake-up's events),
@@ -1644,9 +1646,16 @@ def sd_notify(state, environ=os.environ, fds=()):
 #   ---------                               --------------------
 #   SIGUSR2 -> reexec_wanted, wake-up byte
 #   end of the wake-up: reexec()
-#     the new file must compile, else stay
+#     the program files must be trusted
+#     trial_start(): the new image tried in
+#       a child process; the loop serves on,
+#       watching its output (trial_wait:
+#       killed after 5 s)
+#   end of the wake-up of its answer:
+#     trial_end(): refused (and the file
+#       does not compile?), or
 #     [-systemd: RELOADING=1]
-#     handover_state(): the walk over
+#     packed_state(): the walk over
 #       the connections
 #     state -> memfd; listeners, connections
 #       and memfd made inheritable
@@ -1714,11 +1723,15 @@ def handover_supported(platform=None):
 
 
 def _b64(data):
-    import base64
-    return base64.b64encode(data).decode("ascii")
+    if not data:                # most buffers and extras: empty
+        return ""
+    import binascii
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
 def _unb64(text_):
+    if text_ == "":
+        return b""
     import base64
     import binascii
     try:
@@ -1729,11 +1742,11 @@ def _unb64(text_):
 
 def node_record(node):
     """Return the JSON-able record of a Node (see the state layout above)."""
-    rec = {k: getattr(node, k) for k in HANDOVER_NODE_INTS}
-    rec["name"] = _b64(node.name)
-    rec["extra"] = _b64(node.extra)
-    rec["since"] = node.since
-    return rec
+    # HANDOVER_NODE_INTS, written out: a hand-over makes one per node
+    return {"fd": node.fd, "port": node.port, "nodetype": node.nodetype,
+            "protocol": node.protocol, "highvsn": node.highvsn, "lowvsn": node.lowvsn,
+            "cr_counter": node.cr_counter, "name": _b64(node.name),
+            "extra": _b64(node.extra), "since": node.since}
 
 
 def node_from_record(rec):
@@ -1741,11 +1754,14 @@ def node_from_record(rec):
     HandoverError for a missing or ill-typed field."""
     try:
         node = Node(_unb64(rec["name"]), int(rec["cr_counter"]) & CREATION_MASK)
-        for k in HANDOVER_NODE_INTS[:-1]:
-            value = rec[k]
-            if not isinstance(value, int):
-                raise HandoverError("node field %s is not an integer" % k)
-            setattr(node, k, value)
+        # HANDOVER_NODE_INTS but the counter, written out (one per node)
+        values = (rec["fd"], rec["port"], rec["nodetype"], rec["protocol"], rec["highvsn"],
+                  rec["lowvsn"])
+        if set(map(type, values)) != {int}:
+            for k, value in zip(HANDOVER_NODE_INTS, values):
+                if not isinstance(value, int):
+                    raise HandoverError("node field %s is not an integer" % k)
+        node.fd, node.port, node.nodetype, node.protocol, node.highvsn, node.lowvsn = values
         node.extra = _unb64(rec["extra"])
         node.since = float(rec.get("since", 0.0))
     except (KeyError, TypeError, ValueError) as e:
@@ -1758,9 +1774,39 @@ def conn_record(conn, fdname=None):
     above); *fdname* is its name in systemd's fd store, if stored."""
     return {"fd": conn.fd, "local_peer": conn.local_peer,
             "mod_time": conn.mod_time, "want": conn.want,
-            "buf": _b64(bytes(conn.buf)), "out": _b64(bytes(conn.out)),
+            "buf": _b64(conn.buf), "out": _b64(conn.out),
             "start_time": conn.start_time, "one_read": conn.one_read,
             "state": conn.state, "fdname": fdname}
+
+
+# node_record and conn_record as JSON text, key for key in the same order:
+# what json.dumps(record, separators=(",", ":")) writes, 3 times faster at
+# 10,000 nodes (Handover.packed_state; tests/test_handover.py holds them to
+# json.dumps).  Every value is an int, a bool, a float or base64.
+NODE_JSON = ('{"fd":%d,"port":%d,"nodetype":%d,"protocol":%d,"highvsn":%d,"lowvsn":%d,'
+             '"cr_counter":%d,"name":"%s","extra":"%s","since":%r}')
+CONN_JSON = ('{"fd":%d,"local_peer":%s,"mod_time":%d,"want":%d,"buf":"%s","out":"%s",'
+             '"start_time":%d,"one_read":%s,"state":"%s","fdname":%s}')
+JSON_BOOL = {True: "true", False: "false"}
+
+
+def node_json(node):
+    """node_record(node) as JSON text."""
+    return NODE_JSON % (node.fd, node.port, node.nodetype, node.protocol, node.highvsn,
+                        node.lowvsn, node.cr_counter, _b64(node.name), _b64(node.extra),
+                        node.since)
+
+
+def conn_json(conn, fdname=None):
+    """conn_record(conn, fdname) as JSON text."""
+    if fdname is None:
+        name = "null"
+    else:
+        import json
+        name = json.dumps(fdname)
+    return CONN_JSON % (conn.fd, JSON_BOOL[bool(conn.local_peer)], conn.mod_time, conn.want,
+                        _b64(conn.buf), _b64(conn.out), conn.start_time,
+                        JSON_BOOL[bool(conn.one_read)], conn.state, name)
 
 
 def pack_record(rec):
@@ -1813,8 +1859,13 @@ def pack_state(state):
     """Return the bytes of the state dict *state*: HANDOVER_HEADER then the
     JSON body (see the layout above)."""
     import json
+    return pack_body(json.dumps(state, separators=(",", ":")).encode("utf-8"))
+
+
+def pack_body(body):
+    """Return the state's bytes for its JSON *body* (bytes): HANDOVER_HEADER,
+    then *body*."""
     import zlib
-    body = json.dumps(state, separators=(",", ":")).encode("utf-8")
     return HANDOVER_HEADER.pack(HANDOVER_MAGIC, HANDOVER_VERSION, len(body),
                                 zlib.crc32(body)) + body
 
@@ -1911,19 +1962,20 @@ def adopt_socket(fd, blocking):
     inheritable; accepted sockets are of the plain C socket type, as do_accept
     makes them, and stay in blocking mode (MSG_DONTWAIT on every call)."""
     os.set_inheritable(fd, False)
-    probe = socket.socket(fileno=fd)
-    family = int(probe.family)
-    probe.detach()
     if not blocking:
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)
         return sock
-    return socket.SocketType(family, socket.SOCK_STREAM, 0, fd)
+    # the C type finds the family, type and protocol of fd itself (one
+    # object, no Python layer: a hand-over makes one per connection)
+    return socket.SocketType(fileno=fd)
 
 
 HANDOVER_CHECK_ENV = "EPMD_PY_HANDOVER_CHECK"   # set: main() only says what it reads
 HANDOVER_CHECK_REPLY = "epmd.py hand-over check: reads state format %d"
 HANDOVER_CHECK_TIMEOUT = 5.0        # seconds the new image has to answer the check
+TRIAL_OUTPUT_MAX = 64 * 1024        # bytes of the trial's output kept (its last line says why)
+TRIAL_POLL = 0.01                   # seconds between waits for a trial that closed its output
 IMAGE_BAD_MODE = 0o022              # group- or other-writable: refused (as sshd's StrictModes)
 
 
@@ -2004,34 +2056,63 @@ def interpreter_args():
     return list(getattr(subprocess, "_args_from_interpreter_flags", lambda: [])())
 
 
-def try_image(argv, environ, timeout=HANDOVER_CHECK_TIMEOUT):
-    """Run the new image as *argv* would (interpreter, its options, the
-    program, the daemon's command line) with HANDOVER_CHECK_ENV set: it must
-    import, accept the command line and print HANDOVER_CHECK_REPLY with the
-    state format it reads, within *timeout* seconds.  Returns that format
-    version; raises ImageError with what went wrong."""
+def start_trial(argv, environ, cwd=None):
+    """Start the new image as *argv* would run it (interpreter, its options,
+    the program, the daemon's command line), in *cwd*, with
+    HANDOVER_CHECK_ENV set, its stdout and stderr on one pipe, and return
+    its Popen at once: the loop keeps serving while it runs (Trial).
+    Raises ImageError when it cannot be started."""
     import subprocess
     env = dict(environ)
     env[HANDOVER_CHECK_ENV] = "1"
     env.pop(HANDOVER_ENV, None)
     try:
-        p = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, timeout=timeout, close_fds=True)
-    except subprocess.TimeoutExpired:
-        raise ImageError("the new image did not answer the hand-over check within %g s"
-                         % timeout) from None
+        return subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, close_fds=True)
     except OSError as e:
         raise ImageError("the new image cannot be started: %s" % e) from None
+
+
+def trial_verdict(returncode, output):
+    """Return the state format the new image said it reads: it must have
+    printed HANDOVER_CHECK_REPLY and exited 0 (*returncode*, *output*: its
+    stdout and stderr).  Raises ImageError with what went wrong."""
     head, _, tail = HANDOVER_CHECK_REPLY.partition("%d")
-    for line in p.stdout.decode("utf-8", "replace").splitlines():
-        if line.startswith(head) and line.endswith(tail) and p.returncode == 0:
+    lines = bytes(output).decode("utf-8", "replace").splitlines()
+    for line in lines:
+        if line.startswith(head) and line.endswith(tail) and returncode == 0:
             try:
                 return int(line[len(head):len(line) - len(tail)])
             except ValueError:
                 break
-    err = (p.stderr or p.stdout).decode("utf-8", "replace").strip().splitlines()
+    err = [line for line in lines if line.strip()]
     raise ImageError("the new image failed the hand-over check (exit status %d%s)"
-                     % (p.returncode, ": " + err[-1][:300] if err else ", no answer"))
+                     % (returncode, ": " + err[-1].strip()[:300] if err else ", no answer"))
+
+
+class Trial:
+    """The trial run of a new image (start_trial), under way while the old
+    image serves: ``proc`` its Popen (its output pipe watched by the loop
+    until end of file, then closed), ``argv`` and ``cwd`` what the re-exec
+    will run, ``checked`` the program files as open_image found them
+    ((path, stat, bytes) each), ``deadline`` (monotonic) by which it must
+    have answered, ``out`` the last TRIAL_OUTPUT_MAX bytes it wrote."""
+
+    __slots__ = ("proc", "argv", "cwd", "checked", "deadline", "out")
+
+    def __init__(self, proc, argv, cwd, checked, deadline):
+        self.proc = proc
+        self.argv = argv
+        self.cwd = cwd
+        self.checked = checked
+        self.deadline = deadline
+        self.out = bytearray()
+
+    def finished(self, now):
+        """True once the child has closed its output and exited (then
+        reaped), or *now* is past the deadline."""
+        return ((self.proc.stdout.closed and self.proc.poll() is not None)
+                or now >= self.deadline)
 
 
 # Option names the state of releases before one name per option used.
@@ -2253,12 +2334,13 @@ class Handover:
     the code):
 
     Reads: log, nodes, conns, listeners, sel, systemd, fdstore, handover,
-    wakeup, script, module_name, argv, and the options named by
+    wakeup, trial, script, module_name, argv, and the options named by
     HANDOVER_OPTIONS.
-    Writes: reexec_wanted, wakeup (its own), handover (taken once).
-    Calls: set_state (restore_handover: each connection's one door).
+    Writes: reexec_wanted, wakeup, trial (its own), handover (taken once).
+    Calls: set_state (restore_handover: each connection's one door), unwatch.
     Called by Epmd: adopt_listeners (bind), handover_resume (run, before
-    the loop), drain_wakeup, reexec and fdstore_sync (run, in the loop).
+    the loop), trial_wait, handover_event, reexec and fdstore_sync (run, in
+    the loop), trial_abort (epmd_cleanup_exit).
     """
 
     def request_reexec(self, signum=None, frame=None):
@@ -2310,15 +2392,43 @@ class Handover:
             entry = stored.get(conn.fd)
             conns.append(conn_record(conn, entry[1] if entry and entry[0] is conn else None))
         nodes = self.nodes
-        options = {k: getattr(self, k) for k in HANDOVER_OPTIONS}
-        options["debug"] = self.log.level
-        options["daemon"] = self.log.is_daemon
-        return {"options": options,
+        return {"options": self.handover_options(),
                 "listeners": [ls.fileno() for ls in self.listeners],
                 "conns": conns,
                 "nodes": [node_record(n) for n in nodes.reg.values()],
                 "unreg": [node_record(n) for n in nodes.unreg.values()],
                 "fdstore": self.fdstore.record() if self.fdstore is not None else None}
+
+    def handover_options(self):
+        """The options record of the state (HANDOVER_OPTIONS, debug, daemon)."""
+        options = {k: getattr(self, k) for k in HANDOVER_OPTIONS}
+        options["debug"] = self.log.level
+        options["daemon"] = self.log.is_daemon
+        return options
+
+    def packed_state(self):
+        """pack_state(handover_state()), byte for byte, for exec_image: each
+        connection and node written by its template (conn_json, node_json),
+        not built as a dict for json.dumps.  Returns (the bytes, the fds of
+        the connections, the number of registered nodes)."""
+        import json
+        stored = self.fdstore.names if self.fdstore is not None else {}
+        conns, fds = [], []
+        for conn in self.conns.values():
+            entry = stored.get(conn.fd)
+            conns.append(conn_json(conn, entry[1] if entry and entry[0] is conn else None))
+            fds.append(conn.fd)
+        nodes = self.nodes
+
+        def dumps(value):
+            return json.dumps(value, separators=(",", ":"))
+        body = '{"options":%s,"listeners":%s,"conns":[%s],"nodes":[%s],"unreg":[%s],' \
+               '"fdstore":%s}' % (
+                   dumps(self.handover_options()), dumps([ls.fileno() for ls in self.listeners]),
+                   ",".join(conns), ",".join(map(node_json, nodes.reg.values())),
+                   ",".join(map(node_json, nodes.unreg.values())),
+                   dumps(self.fdstore.record() if self.fdstore is not None else None))
+        return pack_body(body.encode("utf-8")), fds, len(nodes.reg)
 
     def reexec_command(self):
         """Return (argv, files, cwd) of the re-exec: the same interpreter
@@ -2335,37 +2445,14 @@ class Handover:
         files = [self.script] + ([module] if module != self.script else [])
         return head + [self.script] + list(self.argv), files, None
 
-    def reexec_check(self):
-        """Check everything a re-exec needs before the point of no return;
-        return (argv, cwd, checked files with their stat) or raise
-        ImageError.  Each program file is opened once, must be trusted
-        (open_image) and compile (check_image); the new image, started as
-        the re-exec will start it, must pass the hand-over check (try_image)
-        and read this image's state format."""
-        argv, files, cwd = self.reexec_command()
-        checked = []
-        for path in files:
-            st, source = open_image(path)
-            check_image(path, source)
-            checked.append((path, st))
-        if cwd is not None:
-            here = os.getcwd()
-            os.chdir(cwd)
-        try:
-            version = try_image(argv, os.environ)
-        finally:
-            if cwd is not None:
-                os.chdir(here)
-        if version != HANDOVER_VERSION:
-            raise ImageError("the new image reads state format %d, this one writes %d"
-                             % (version, HANDOVER_VERSION))
-        return argv, cwd, checked
-
     def reexec(self):
-        """Re-execute the program in place, handing everything over (D16).
+        """Act on SIGUSR2 at the end of a wake-up: start the trial of the new
+        image (trial_start), or, once it has answered (or overrun its
+        time), go on with the re-exec or refuse it (trial_end).  A SIGUSR2
+        while a trial is under way starts no second one (logged).
 
-        Refused, with a log line, and the old image keeps serving: off Linux,
-        when the program file is not trusted (owner, mode), does not
+        Refused, with a log line, and the old image keeps serving: off
+        Linux, when the program file is not trusted (owner, mode), does not
         compile, or fails the hand-over check in a child process (does not
         import, refuses the command line, reads another state format), when
         it changed after the check, when execve fails.
@@ -2373,6 +2460,14 @@ class Handover:
         log = self.log
         self.reexec_wanted = False
         self.drain_wakeup()
+        trial = self.trial
+        if trial is not None:
+            if trial.finished(time.monotonic()):
+                self.trial_end()
+            else:
+                log.dbg_printf(0, "SIGUSR2 ignored: the new image is being tried already "
+                               "(pid %d)", trial.proc.pid)
+            return
         if not handover_supported():
             log.dbg_printf(0, "SIGUSR2 ignored: re-exec with hand-over needs Linux (this is %s)",
                            sys.platform)
@@ -2381,16 +2476,119 @@ class Handover:
             log.dbg_printf(0, "SIGUSR2 ignored: the program file or interpreter is unknown")
             return
         try:
-            argv, cwd, checked = self.reexec_check()
+            self.trial_start()
         except (ImageError, OSError) as e:
+            log.dbg_printf(0, "re-exec refused, the old image keeps serving: %s", e)
+
+    def trial_start(self):
+        """The checks a re-exec makes before its trial, and the trial's
+        start: each program file is opened once and must be trusted
+        (open_image); then the new image is started as the re-exec will
+        start it (start_trial), its output watched by the loop, which
+        serves on meanwhile.  Raises ImageError or OSError."""
+        argv, files, cwd = self.reexec_command()
+        checked = [(path,) + open_image(path) for path in files]
+        proc = start_trial(argv, os.environ, cwd)
+        os.set_blocking(proc.stdout.fileno(), False)
+        self.trial = Trial(proc, argv, cwd, checked,
+                           time.monotonic() + HANDOVER_CHECK_TIMEOUT)
+        self.sel.register(proc.stdout, EVENT_READ, WAKEUP)
+
+    def handover_event(self, fileobj):
+        """run()'s handler of the hand-over's own descriptors (selector data
+        WAKEUP): the SIGUSR2 wake-up socket is drained; the trial's pipe is
+        read, and at its end of file closed (trial_wait then waits for the
+        child's exit, reexec for the verdict)."""
+        trial = self.trial
+        if trial is None or fileobj is not trial.proc.stdout:
+            self.drain_wakeup()
+            return
+        while True:             # to EAGAIN, or to its end: its answer comes with its exit
+            try:
+                data = os.read(fileobj.fileno(), TRIAL_OUTPUT_MAX)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                break
+            trial.out += data
+            del trial.out[:-TRIAL_OUTPUT_MAX]
+        self.unwatch(fileobj)
+        fileobj.close()
+        if trial.proc.poll() is not None:
+            self.reexec_wanted = True   # the verdict, at the end of this wake-up
+
+    def trial_wait(self, timeout):
+        """run()'s select() *timeout* while a trial is under way: no later
+        than its deadline, and short while its child has closed its output
+        but not yet exited; 0 once the verdict is due (reexec_wanted set:
+        the next wake-up ends with trial_end)."""
+        trial = self.trial
+        now = time.monotonic()
+        if trial.finished(now):
+            self.reexec_wanted = True
+            return 0.0
+        left = trial.deadline - now
+        if trial.proc.stdout.closed:
+            left = min(left, TRIAL_POLL)
+        return min(timeout, left)
+
+    def trial_end(self):
+        """The trial's verdict: the child is killed (by PID) if it overran
+        HANDOVER_CHECK_TIMEOUT, and reaped; a child that failed is refused
+        with the reason (a program file that does not compile says so,
+        check_image), as is one that reads another state format; otherwise
+        the re-exec goes on (exec_image), and returns only if execve
+        failed."""
+        log = self.log
+        trial, self.trial = self.trial, None
+        proc = trial.proc
+        overdue = proc.poll() is None
+        if overdue:
+            proc.kill()
+        proc.wait()
+        if not proc.stdout.closed:
+            try:
+                trial.out += os.read(proc.stdout.fileno(), TRIAL_OUTPUT_MAX)
+            except OSError:
+                pass
+            self.unwatch(proc.stdout)
+            proc.stdout.close()
+        try:
+            if overdue:
+                raise ImageError("the new image did not answer the hand-over check within %g s"
+                                 % HANDOVER_CHECK_TIMEOUT)
+            try:
+                version = trial_verdict(proc.returncode, trial.out)
+            except ImageError:
+                for path, _, source in trial.checked:
+                    check_image(path, source)       # the likelier reason, if it is one
+                raise
+            if version != HANDOVER_VERSION:
+                raise ImageError("the new image reads state format %d, this one writes %d"
+                                 % (version, HANDOVER_VERSION))
+        except ImageError as e:
             log.dbg_printf(0, "re-exec refused, the old image keeps serving: %s", e)
             return
         if self.systemd:
             sd_notify(SD_RELOADING % (time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
-        self.exec_image(argv, cwd, checked)
+        self.exec_image(trial.argv, trial.cwd, [(path, st) for path, st, _ in trial.checked])
         # still here: execve failed (logged); the old image keeps serving
         if self.systemd:
             sd_notify(SD_READY % os.getpid())
+
+    def trial_abort(self):
+        """The loop ends (epmd_cleanup_exit): a trial under way is killed
+        by PID and reaped."""
+        trial, self.trial = self.trial, None
+        if trial is not None:
+            if trial.proc.poll() is None:
+                trial.proc.kill()
+            trial.proc.wait()
+            if not trial.proc.stdout.closed:
+                self.unwatch(trial.proc.stdout)
+                trial.proc.stdout.close()
 
     def exec_image(self, argv, cwd, checked):
         """The point of no return of reexec: the state into a memfd, every
@@ -2399,15 +2597,14 @@ class Handover:
         Returns only when that failed (logged), with every descriptor as it
         was."""
         log = self.log
-        state = self.handover_state()
+        data, conn_fds, count = self.packed_state()
         listen = [ls.fileno() for ls in self.listeners]
-        conn_fds = [c["fd"] for c in state["conns"]]
         passed = listen + conn_fds
         if self.fdstore is not None:
             passed.append(self.fdstore.state_fd)
         state_fd = -1
         try:
-            state_fd = write_state_fd(pack_state(state))
+            state_fd = write_state_fd(data)
             passed.append(state_fd)
             for fd in passed:
                 os.set_inheritable(fd, True)
@@ -2418,7 +2615,7 @@ class Handover:
                     raise OSError(errno.ESTALE, "%s changed after it was checked" % path)
             log.dbg_printf(0, "SIGUSR2: re-executing %s, handing over %d nodes, %d connections",
                            "-m " + self.module_name if self.module_name else self.script,
-                           len(state["nodes"]), len(conn_fds))
+                           count, len(conn_fds))
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
             back = os.getcwd()
             if cwd is not None:
@@ -2583,6 +2780,7 @@ class Handover:
         Connection}, {fd: the state it had}), with their buffers and time-out
         clocks.  Raises HandoverError when a record is malformed."""
         conns, states = {}, {}
+        known = {READING: READING, REPLYING: REPLYING, KEPT: KEPT}
         try:
             for rec in state["conns"]:
                 fd = rec["fd"]
@@ -2592,7 +2790,7 @@ class Handover:
                 conn.buf = _unb64(rec["buf"])
                 conn.out = _unb64(rec["out"])
                 conn.one_read = bool(rec["one_read"])
-                states[fd] = {READING: READING, REPLYING: REPLYING, KEPT: KEPT}[rec["state"]]
+                states[fd] = known[rec["state"]]
                 conns[fd] = conn
                 if self.fdstore is not None and rec.get("fdname"):
                     self.fdstore.names[fd] = (conn, rec["fdname"])
@@ -3191,10 +3389,14 @@ class Epmd(Handover):
       erlang/otp#11083)
     - writing: reply, do_write, flush
     - hand-over (the Handover mixin, D16): install_reexec_signal,
-      request_reexec (the SIGUSR2 handler), drain_wakeup, reexec_command,
-      reexec_check, reexec, exec_image, handover_state, adopt_listeners (bind of a new
-      image), handover_resume, restore_handover and conns_from_state (run
-      of a new image), fdstore_sync (systemd's fd store)
+      request_reexec (the SIGUSR2 handler), drain_wakeup, handover_event
+      (the wake-up socket and the trial's pipe), reexec_command, reexec,
+      trial_start, trial_wait (the loop's time-out while the new image is
+      tried), trial_end, trial_abort, exec_image, handover_state,
+      handover_options, packed_state (handover_state's bytes, faster),
+      adopt_listeners (bind of a new image), handover_resume,
+      restore_handover and conns_from_state (run of a new image),
+      fdstore_sync (systemd's fd store)
     """
 
     def __init__(self, port=EPMD_PORT_NO, address=None, relaxed=False,
@@ -3227,6 +3429,7 @@ class Epmd(Handover):
         self.module_name = None     # hand-over: or the module, when started with python -m
         self.argv = []              # hand-over: the command line it gets again
         self.reexec_wanted = False  # hand-over: set by SIGUSR2, acted on by the loop
+        self.trial = None           # hand-over: the new image's trial under way (Trial)
         self.wakeup = None          # hand-over: the signal wake-up socket pair
         self.handover = None        # hand-over: what the previous image passed
         self.fdstore = None         # hand-over: systemd's fd store (FdStore), if used
@@ -3310,6 +3513,8 @@ class Epmd(Handover):
                 timeout = tick
                 if self.paused_until:
                     timeout = max(0.0, min(tick, self.paused_until - time.monotonic()))
+                if self.trial is not None:      # a re-exec's trial under way
+                    timeout = self.trial_wait(timeout)
                 events = sel.select(timeout)
                 if self.delay_accept:
                     time.sleep(self.delay_accept)
@@ -3320,7 +3525,7 @@ class Epmd(Handover):
                     if conn is None:
                         self.do_accept(key.fileobj, self.families[key.fd])
                     elif conn is WAKEUP:
-                        self.drain_wakeup()
+                        self.handover_event(key.fileobj)
                     elif conn.state is not CLOSED:
                         self.handle(conn, mask)
                 if self.paused_until and time.monotonic() >= self.paused_until:
@@ -3439,7 +3644,9 @@ class Epmd(Handover):
 
     def epmd_cleanup_exit(self):
         """Close every connection and listening socket.  Source: OTP epmd.c,
-        epmd_cleanup_exit (without its exit: run returns the status)."""
+        epmd_cleanup_exit (without its exit: run returns the status); a
+        re-exec's trial under way is killed and reaped."""
+        self.trial_abort()
         for conn in list(self.conns.values()):
             self.epmd_conn_close(conn)
         for ls in self.listeners:
@@ -5125,7 +5332,7 @@ def daemon_main(opts, argv):
     (HANDOVER_CHECK_ENV), a new image taking a hand-over, -daemon, or the
     foreground; returns the exit status."""
     if os.environ.get(HANDOVER_CHECK_ENV) == "1":
-        # a re-exec's trial run (try_image): this image imports, takes the
+        # a re-exec's trial run (start_trial): this image imports, takes the
         # command line, and reads this state format; nothing else is done
         sys.stdout.write(HANDOVER_CHECK_REPLY % HANDOVER_VERSION + "\n")
         sys.stdout.flush()

@@ -334,6 +334,104 @@ def test_reexec_into_a_file_that_cannot_take_over_is_refused(tmp_path, case):
         d.stop()
 
 
+def held_trial(good, flag):
+    """The bytes of epmd.py (*good*) made into a new image whose trial run
+    (and only that: the re-exec itself does not wait) waits on import until
+    the file *flag* exists."""
+    hold = ("\nwhile os.environ.get(%r) and not os.path.exists(%r):\n    time.sleep(0.005)\n"
+            % (epmd.HANDOVER_CHECK_ENV, str(flag))).encode()
+    return good.replace(b"\nimport time\n", b"\nimport time\n" + hold, 1)
+
+
+def test_trial_runs_while_the_loop_serves(tmp_path):
+    """While the new image's trial run is under way (held here until the
+    test lets it go), the old image serves: a PORT_PLEASE2_REQ is answered
+    and a new node registers; then the trial answers, the re-exec goes on,
+    and every node, the new one too, is handed over."""
+    script, port, d = start_copy(tmp_path)
+    flag = tmp_path / "go"
+    try:
+        good = script.read_bytes()
+        nodes = register_mixed(port, 4)
+        script.write_bytes(held_trial(good, flag))
+        os.kill(d.pid, signal.SIGUSR2)
+        assert wait_until(lambda: children_of(d.pid), 10, step=0.005)
+        trial = list(children_of(d.pid))
+        assert request(port, b"z" + nodes[0]["name"])[:2] == b"w\x00"
+        s, reply = register(port, b"during_trial")
+        assert creation_of(reply) is not None
+        assert list(children_of(d.pid)) == trial        # still being tried
+        assert restored_count(d) == 0
+        flag.touch()
+        assert wait_until(lambda: restored_count(d) == 1, 15), d.stderr()[-2000:]
+        assert sorted(registered(port)) == sorted([n["name"] for n in nodes] + [b"during_trial"])
+        assert not children_of(d.pid)                   # the trial was reaped
+        s.close()
+    finally:
+        d.stop()
+
+
+def test_second_sigusr2_during_a_trial_starts_no_second_trial(tmp_path):
+    """A SIGUSR2 while the new image is being tried starts no second trial:
+    it is logged and ignored; the one trial ends in one re-exec."""
+    script, port, d = start_copy(tmp_path)
+    flag = tmp_path / "go"
+    try:
+        good = script.read_bytes()
+        nodes = register_mixed(port, 2)
+        script.write_bytes(held_trial(good, flag))
+        os.kill(d.pid, signal.SIGUSR2)
+        assert wait_until(lambda: children_of(d.pid), 10, step=0.005)
+        trial = list(children_of(d.pid))
+        os.kill(d.pid, signal.SIGUSR2)
+        assert wait_until(lambda: "SIGUSR2 ignored: the new image is being tried already (pid %d)"
+                          % trial[0] in d.stderr(), 10), d.stderr()[-2000:]
+        assert list(children_of(d.pid)) == trial
+        flag.touch()
+        assert wait_until(lambda: restored_count(d) == 1, 15), d.stderr()[-2000:]
+        # the new image serves, and nothing of the second signal is left
+        assert sorted(registered(port)) == sorted(n["name"] for n in nodes)
+        assert not children_of(d.pid)
+        assert restored_count(d) == 1
+        assert d.stderr().count("SIGUSR2: re-executing") == 1
+    finally:
+        d.stop()
+
+
+def test_trial_that_overruns_is_killed_and_reaped(tmp_path):
+    """A new image whose trial run does not answer within the check's time
+    (HANDOVER_CHECK_TIMEOUT, 1 s in this copy) is killed by its PID and
+    reaped (no zombie left), the refusal logged; the old image serves on
+    with every node, and re-executes once the file is mended."""
+    script = copy_of_epmd(tmp_path)
+    good = script.read_bytes().replace(b"\nHANDOVER_CHECK_TIMEOUT = 5.0 ", b"\nHANDOVER_CHECK_TIMEOUT = 1.0 ")
+    assert good != script.read_bytes()
+    script.write_bytes(good)
+    port = free_port()
+    d = Daemon("py", port, ["-port", str(port), "-address", "127.0.0.1"], base_env(), tmp_path)
+    d.exe = [sys.executable, str(script)]
+    d.start()
+    try:
+        nodes = register_mixed(port, 3)
+        script.write_bytes(held_trial(good, tmp_path / "never"))
+        os.kill(d.pid, signal.SIGUSR2)
+        assert wait_until(lambda: children_of(d.pid), 10, step=0.005)
+        trial = list(children_of(d.pid))[0]
+        says = "re-exec refused, the old image keeps serving: the new image did not answer " \
+               "the hand-over check within 1 s"
+        assert wait_until(lambda: says in d.stderr(), 15), d.stderr()[-2000:]
+        assert wait_until(lambda: not os.path.exists("/proc/%d" % trial), 5)
+        assert not children_of(d.pid)
+        assert d.alive()
+        assert sorted(registered(port)) == sorted(n["name"] for n in nodes)
+        assert restored_count(d) == 0
+        script.write_bytes(good)
+        reexec(d)
+        assert sorted(registered(port)) == sorted(n["name"] for n in nodes)
+    finally:
+        d.stop()
+
+
 @pytest.mark.parametrize("case", ["file_0666_other_owner", "dir_0777", "file_group_writable"])
 def test_reexec_refuses_a_file_others_can_change(tmp_path, case):
     """The program file (or its directory) can be changed by someone other
@@ -442,16 +540,37 @@ def test_handover_without_a_readable_state_cleans_up(monkeypatch):
         b.close()
 
 
+def children_of(pid):
+    """{pid: state letter} of the processes whose parent is *pid* (a
+    re-exec's trial run; "Z" once it has exited, until it is reaped)."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out[int(entry)] = fields[0]
+    return out
+
+
 def test_connection_closed_during_handover_is_unregistered_at_once(start_ours):
     """A node that closes its connection while the hand-over is under way
-    (here: during the -delay_accept sleep between the wake-up and the re-exec)
-    is unregistered by the new image straight after the hand-over, its
-    creation kept on the unreg list."""
-    d = start_ours("-d", "-delay_accept", "1")
+    (here: during the -delay_accept sleep of the wake-up that reads the
+    trial run's answer, after which the old image re-executes without
+    another look at its connections) is unregistered by the new image
+    straight after the hand-over, its creation kept on the unreg list."""
+    d = start_ours("-d", "-delay_accept", "2")
     nodes = register_mixed(d.port, 3)
     n = restored_count(d)
     os.kill(d.pid, signal.SIGUSR2)
-    time.sleep(0.3)                       # inside the 1 s sleep after the wake-up
+    # the trial starts after the 2 s sleep of the signal's wake-up; once it
+    # has answered and exited (a zombie), the wake-up that reads its answer
+    # sleeps 2 s before the re-exec
+    assert wait_until(lambda: "Z" in children_of(d.pid).values(), 15, step=0.005)
+    time.sleep(0.3)
     nodes[0]["sock"].close()
     assert wait_until(lambda: restored_count(d) > n, 15)
     gone = "unregistering '%s" % nodes[0]["name"].decode()
@@ -460,7 +579,7 @@ def test_connection_closed_during_handover_is_unregistered_at_once(start_ours):
         log = d.stderr()
         return log[log.rindex("connections restored"):]
     # the new image's first wake-up (it, too, sleeps -delay_accept first)
-    assert wait_until(lambda: gone in after_handover(), 5), after_handover()
+    assert wait_until(lambda: gone in after_handover(), 8), after_handover()
     assert "got ALIVE2_REQ" not in after_handover()
     assert wait_until(lambda: nodes[0]["name"] not in registered(d.port), 5)
     assert b"old/unused name <%s>" % nodes[0]["name"] in dump(d.port)
@@ -513,6 +632,56 @@ def test_state_round_trip_and_corruption():
     assert epmd.is_stored_name("epmd-node-12") and epmd.is_stored_name("epmd-state")
     assert not any(epmd.is_stored_name(n) for n in ("epmd.socket", "epmd-node.socket",
                                                      "epmd-local.socket", "epmd-node-x"))
+
+
+def test_packed_state_is_pack_state_of_handover_state():
+    """exec_image's packed_state (each record written by a template) makes
+    the bytes of pack_state(handover_state()), json.dumps of the records,
+    byte for byte: registered nodes of both node types and versions, with
+    extras of any bytes and UTF-8 names, the unreg list, connections in
+    flight with buffers (read and to write) in every state, local and
+    remote, one in systemd's fd store by its FDNAME, options with an
+    address list."""
+    import io
+    import socket
+    log = epmd.DebugLog(2, out=io.BytesIO())
+    e = epmd.Epmd(port=4370, address="127.0.0.1,::1", relaxed=True, log=log)
+    e.listeners = [socket.socket()]
+    e.fdstore = epmd.FdStore({}, log, 99, 10)
+    pairs = []
+    try:
+        for i, state in enumerate([epmd.KEPT, epmd.KEPT, epmd.READING, epmd.REPLYING, epmd.KEPT]):
+            a, b = socket.socketpair()
+            pairs.append((a, b))
+            conn = epmd.Connection(a, a.fileno(), i % 2 == 0, 1000 + i)
+            conn.state, conn.start_time, conn.one_read = state, 990 + i, i == 3
+            if state is epmd.READING:
+                conn.buf, conn.want = b"\x00\x10z\xff\x00", 18
+            elif state is epmd.REPLYING:
+                conn.out = bytes(range(200))
+            else:
+                node = epmd.Node(("n%d_\u00f8\u4e2d" % i).encode(), 0xFFFFFFF0 + i)
+                node.fd, node.port, node.nodetype = conn.fd, 5000 + i, 77 if i else 72
+                node.highvsn, node.lowvsn = (6, 5) if i else (5, 5)
+                node.extra = bytes(range(i * 50)) + b'"\\'
+                node.since = 1790000000.123456 + i
+                e.nodes.node_restore(node, conn)
+            e.conns[conn.fd] = conn
+            if i == 1:
+                e.fdstore.names[conn.fd] = (conn, "epmd-node-7")
+        for i in range(3):
+            old = epmd.Node(b"old%d" % i, 17 + i)
+            old.since = float(i)
+            e.nodes.node_restore(old, None)
+        data, fds, count = e.packed_state()
+        assert data == epmd.pack_state(e.handover_state())
+        assert fds == list(e.conns) and count == 3
+        assert epmd.unpack_state(data)["conns"][1]["fdname"] == "epmd-node-7"
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+        e.listeners[0].close()
 
 
 def test_request_in_flight_is_handed_over(start_ours):
