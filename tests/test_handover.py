@@ -343,20 +343,32 @@ def held_trial(good, flag):
     return good.replace(b"\nimport time\n", b"\nimport time\n" + hold, 1)
 
 
+def start_held_trial(tmp_path, count):
+    """A copy of epmd.py serving *count* mixed nodes, sent SIGUSR2 with its
+    program file replaced by one whose trial run waits for a flag file;
+    returns (port, daemon, the flag's path, the nodes, [the trial's pid])
+    once the trial runs.  The caller stops the daemon."""
+    script, port, d = start_copy(tmp_path)
+    flag = tmp_path / "go"
+    try:
+        good = script.read_bytes()
+        nodes = register_mixed(port, count)
+        script.write_bytes(held_trial(good, flag))
+        os.kill(d.pid, signal.SIGUSR2)
+        assert wait_until(lambda: children_of(d.pid), 10, step=0.005)
+    except BaseException:
+        d.stop()
+        raise
+    return port, d, flag, nodes, list(children_of(d.pid))
+
+
 def test_trial_runs_while_the_loop_serves(tmp_path):
     """While the new image's trial run is under way (held here until the
     test lets it go), the old image serves: a PORT_PLEASE2_REQ is answered
     and a new node registers; then the trial answers, the re-exec goes on,
     and every node, the new one too, is handed over."""
-    script, port, d = start_copy(tmp_path)
-    flag = tmp_path / "go"
+    port, d, flag, nodes, trial = start_held_trial(tmp_path, 4)
     try:
-        good = script.read_bytes()
-        nodes = register_mixed(port, 4)
-        script.write_bytes(held_trial(good, flag))
-        os.kill(d.pid, signal.SIGUSR2)
-        assert wait_until(lambda: children_of(d.pid), 10, step=0.005)
-        trial = list(children_of(d.pid))
         assert request(port, b"z" + nodes[0]["name"])[:2] == b"w\x00"
         s, reply = register(port, b"during_trial")
         assert creation_of(reply) is not None
@@ -374,15 +386,8 @@ def test_trial_runs_while_the_loop_serves(tmp_path):
 def test_second_sigusr2_during_a_trial_starts_no_second_trial(tmp_path):
     """A SIGUSR2 while the new image is being tried starts no second trial:
     it is logged and ignored; the one trial ends in one re-exec."""
-    script, port, d = start_copy(tmp_path)
-    flag = tmp_path / "go"
+    port, d, flag, nodes, trial = start_held_trial(tmp_path, 2)
     try:
-        good = script.read_bytes()
-        nodes = register_mixed(port, 2)
-        script.write_bytes(held_trial(good, flag))
-        os.kill(d.pid, signal.SIGUSR2)
-        assert wait_until(lambda: children_of(d.pid), 10, step=0.005)
-        trial = list(children_of(d.pid))
         os.kill(d.pid, signal.SIGUSR2)
         assert wait_until(lambda: "SIGUSR2 ignored: the new image is being tried already (pid %d)"
                           % trial[0] in d.stderr(), 10), d.stderr()[-2000:]
