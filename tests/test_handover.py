@@ -639,10 +639,27 @@ def test_state_round_trip_and_corruption():
                                                      "epmd-local.socket", "epmd-node-x"))
 
 
-def test_packed_state_is_pack_state_of_handover_state():
-    """exec_image's packed_state (each record written by a template) makes
-    the bytes of pack_state(handover_state()), json.dumps of the records,
-    byte for byte: registered nodes of both node types and versions, with
+def reference_state(e, nodes_only=False):
+    """The state dict packed_state writes, built from the records
+    (node_record, conn_record) as the layout in epmd.py describes it."""
+    stored = e.fdstore.names if e.fdstore is not None else {}
+    conns = []
+    for conn in e.conns.values():
+        if nodes_only and conn.node is None:
+            continue
+        entry = stored.get(conn.fd)
+        conns.append(epmd.conn_record(conn, entry[1] if entry and entry[0] is conn else None))
+    return {"options": e.handover_options(), "listeners": [ls.fileno() for ls in e.listeners],
+            "conns": conns, "nodes": [epmd.node_record(n) for n in e.nodes.reg.values()],
+            "unreg": [epmd.node_record(n) for n in e.nodes.unreg.values()],
+            "fdstore": e.fdstore.record() if e.fdstore is not None else None}
+
+
+def test_packed_state_is_pack_state_of_the_records():
+    """packed_state (each record written by a template) makes the bytes of
+    pack_state of the records' dict (json.dumps), byte for byte, whole (for
+    exec_image) and with the nodes only (for systemd's fd store):
+    registered nodes of both node types and versions, with
     extras of any bytes and UTF-8 names, the unreg list, connections in
     flight with buffers (read and to write) in every state, local and
     remote, one in systemd's fd store by its FDNAME, options with an
@@ -679,9 +696,12 @@ def test_packed_state_is_pack_state_of_handover_state():
             old.since = float(i)
             e.nodes.node_restore(old, None)
         data, fds, count = e.packed_state()
-        assert data == epmd.pack_state(e.handover_state())
+        assert data == epmd.pack_state(reference_state(e))
         assert fds == list(e.conns) and count == 3
         assert epmd.unpack_state(data)["conns"][1]["fdname"] == "epmd-node-7"
+        data, fds, count = e.packed_state(nodes_only=True)
+        assert data == epmd.pack_state(reference_state(e, nodes_only=True))
+        assert len(fds) == 3 and count == 3
     finally:
         for a, b in pairs:
             a.close()
@@ -1105,7 +1125,8 @@ def test_one_name_per_option():
     for name in epmd.HANDOVER_OPTIONS:
         assert name in opts, name
         assert getattr(e, name) == opts[name], name
-    state = e.handover_state()
+    e.listeners = []
+    state = epmd.unpack_state(e.packed_state()[0])
     assert set(state["options"]) == set(epmd.HANDOVER_OPTIONS) | {"debug", "daemon"}
     assert epmd.options_from_state(epmd.parse_args([], {}), state) == dict(
         opts, action=None, stop_name=None, port_given=False)
