@@ -220,6 +220,18 @@ def start_copy(tmp_path):
     return script, port, d
 
 
+def kept_then_mended(d, port, nodes, mend):
+    """After a refused re-exec: the old image serves with every node of
+    *nodes* and restored nothing; *mend*() puts the program file right, and
+    the next SIGUSR2 re-executes with every node kept."""
+    assert d.alive()
+    assert sorted(registered(port)) == sorted(n["name"] for n in nodes)
+    assert restored_count(d) == 0
+    mend()
+    reexec(d)
+    assert sorted(registered(port)) == sorted(n["name"] for n in nodes)
+
+
 def test_new_file_that_does_not_compile_is_refused(start_ours, tmp_path):
     """SIGUSR2 after the program file was replaced by one that does not
     compile: logged, and the old image keeps serving with its nodes; once the
@@ -231,11 +243,7 @@ def test_new_file_that_does_not_compile_is_refused(start_ours, tmp_path):
         script.write_bytes(good + b"\ndef broken(:\n")
         os.kill(d.pid, signal.SIGUSR2)
         assert wait_until(lambda: "does not compile" in d.stderr(), 10), d.stderr()
-        assert d.alive()
-        assert sorted(registered(port)) == sorted(n["name"] for n in nodes)
-        script.write_bytes(good)
-        reexec(d)
-        assert sorted(registered(port)) == sorted(n["name"] for n in nodes)
+        kept_then_mended(d, port, nodes, lambda: script.write_bytes(good))
     finally:
         d.stop()
 
@@ -320,16 +328,11 @@ def test_reexec_into_a_file_that_cannot_take_over_is_refused(tmp_path, case):
         os.kill(d.pid, signal.SIGUSR2)
         assert wait_until(lambda: "re-exec refused, the old image keeps serving" in d.stderr(), 20)
         assert says in d.stderr(), d.stderr()[-2000:]
-        assert d.alive()
-        assert sorted(registered(port)) == sorted(n["name"] for n in nodes)
         for n in nodes:                 # no node saw its connection close
             n["sock"].setblocking(False)
             with pytest.raises(BlockingIOError):
                 n["sock"].recv(1)
-        assert restored_count(d) == 0
-        script.write_bytes(good)
-        reexec(d)
-        assert sorted(registered(port)) == sorted(n["name"] for n in nodes)
+        kept_then_mended(d, port, nodes, lambda: script.write_bytes(good))
     finally:
         d.stop()
 
@@ -427,12 +430,7 @@ def test_trial_that_overruns_is_killed_and_reaped(tmp_path):
         assert wait_until(lambda: says in d.stderr(), 15), d.stderr()[-2000:]
         assert wait_until(lambda: not os.path.exists("/proc/%d" % trial), 5)
         assert not children_of(d.pid)
-        assert d.alive()
-        assert sorted(registered(port)) == sorted(n["name"] for n in nodes)
-        assert restored_count(d) == 0
-        script.write_bytes(good)
-        reexec(d)
-        assert sorted(registered(port)) == sorted(n["name"] for n in nodes)
+        kept_then_mended(d, port, nodes, lambda: script.write_bytes(good))
     finally:
         d.stop()
 
@@ -469,13 +467,12 @@ def test_reexec_refuses_a_file_others_can_change(tmp_path, case):
         os.kill(d.pid, signal.SIGUSR2)
         assert wait_until(lambda: "re-exec refused, the old image keeps serving" in d.stderr(), 10)
         assert says in d.stderr(), d.stderr()[-1000:]
-        assert sorted(registered(port)) == sorted(n["name"] for n in nodes)
-        assert restored_count(d) == 0
-        os.chown(script, 0, 0)
-        os.chmod(script, 0o644)
-        os.chmod(where, 0o755)
-        reexec(d)
-        assert sorted(registered(port)) == sorted(n["name"] for n in nodes)
+
+        def mend():
+            os.chown(script, 0, 0)
+            os.chmod(script, 0o644)
+            os.chmod(where, 0o755)
+        kept_then_mended(d, port, nodes, mend)
     finally:
         d.stop()
 
