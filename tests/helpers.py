@@ -10,7 +10,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -292,6 +291,18 @@ def pin(cpu):
             pass
 
 
+def stop_process(proc, timeout=3.0):
+    """End *proc* (a Popen we started) if it still runs: SIGTERM, then
+    SIGKILL after *timeout* seconds; reaped either way."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+
 class Daemon:
     """One epmd process (ours or OTP's) started by a test, killed by PID."""
 
@@ -366,13 +377,7 @@ class Daemon:
     def stop(self):
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(3)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(3)
+        stop_process(self.proc)
         self._err.close()
 
 

@@ -42,6 +42,7 @@ from helpers import (
     register,
     registered,
     request,
+    stop_process,
     wait_until,
     without_served_line,
     without_syslog_warning,
@@ -336,13 +337,7 @@ def stopper():
     procs = []
     yield procs.append
     for p in procs:
-        if p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        stop_process(p, 5)
 
 
 def test_systemd_dual_stack_socket(impl, stopper):

@@ -563,15 +563,6 @@ def start_form(exe, cwd, otp=False):
     return proc, port, time.perf_counter() - t0
 
 
-def stop_form(proc):
-    proc.terminate()
-    try:
-        proc.wait(3)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(3)
-
-
 def fig_forms(impl, a):
     """-names wall time per call, start to serving, and idle RSS of each form
     of *impl*, FORM_RUNS rounds, the forms in turn within a round; with
@@ -607,7 +598,7 @@ def fig_forms(impl, a):
         finally:
             if mask is not None:
                 os.sched_setaffinity(0, mask)
-            stop_form(d)
+            helpers.stop_process(d)
         for _ in range(a.form_runs):
             for form, (exe, cwd) in todo.items():
                 if form == "floor":
@@ -623,7 +614,7 @@ def fig_forms(impl, a):
                     p.stdout.readline()
                     time.sleep(FORM_IDLE)
                     vals.setdefault("floor_rss_kb", []).append(proc_rss_kb(p.pid))
-                    stop_form(p)
+                    helpers.stop_process(p)
                     p.stdout.close()
                     continue
                 proc, _, t = start_form(exe, cwd, otp=impl == "otp")
@@ -632,7 +623,7 @@ def fig_forms(impl, a):
                     vals.setdefault("start_ms_" + form, []).append(t * 1000)
                     vals.setdefault("rss_kb_" + form, []).append(proc_rss_kb(proc.pid))
                 finally:
-                    stop_form(proc)
+                    helpers.stop_process(proc)
     finally:
         if os.path.exists(os.path.join(tmp, "bin", "epmd")):
             subprocess.run(["make", "-s", "-C", str(ROOT), "uninstall", "PREFIX=%s" % tmp],
