@@ -285,41 +285,36 @@ def load(d, request, expected, conc, dur, rate=0, workers=2, lat=False, mode=Non
 
 # -- figures --------------------------------------------------------------------------
 
-def fig_port(impl, a):
+def lookups(impl, conc, dur, **kw):
+    """PORT_PLEASE2_REQ load (load's keywords *kw*) for *dur* seconds from
+    *conc* clients on a fresh daemon of *impl* with the node "bench"
+    registered; returns (ok, seconds, daemon CPU s, latencies, daemon user
+    CPU s)."""
     d = Daemon(impl)
     try:
         node = register(d.port, "bench")
-        ok, dur, cpu, _ = load(d, frame(b"zbench"), port2_reply("bench"), 32, a.dur)
+        ok, dur, cpu, lats = load(d, frame(b"zbench"), port2_reply("bench"), conc, dur, **kw)
         node.close()
-        return {"port_us": cpu / ok * 1e6, "port_user_us": d.user_cpu / ok * 1e6,
-                "port_rate": ok / dur}
+        return ok, dur, cpu, lats, d.user_cpu
     finally:
         d.stop()
+
+
+def fig_port(impl, a):
+    ok, dur, cpu, _, user = lookups(impl, 32, a.dur)
+    return {"port_us": cpu / ok * 1e6, "port_user_us": user / ok * 1e6, "port_rate": ok / dur}
 
 
 def fig_fixed(impl, a):
-    d = Daemon(impl)
-    try:
-        node = register(d.port, "bench")
-        ok, dur, cpu, _ = load(d, frame(b"zbench"), port2_reply("bench"), 32, a.dur, rate=5000)
-        node.close()
-        if ok < 0.95 * 5000 * dur:
-            raise RunError("%s served %d of %d paced requests" % (impl, ok, 5000 * dur))
-        return {"fixed_cpu": cpu / dur * 100}
-    finally:
-        d.stop()
+    ok, dur, cpu, _, _ = lookups(impl, 32, a.dur, rate=5000)
+    if ok < 0.95 * 5000 * dur:
+        raise RunError("%s served %d of %d paced requests" % (impl, ok, 5000 * dur))
+    return {"fixed_cpu": cpu / dur * 100}
 
 
 def fig_lat(impl, a):
-    d = Daemon(impl)
-    try:
-        node = register(d.port, "bench")
-        ok, dur, cpu, lats = load(d, frame(b"zbench"), port2_reply("bench"), 1, min(a.dur, 3),
-                                  workers=1, lat=True)
-        node.close()
-        return {"lat_us": statistics.median(lats) * 1e6}
-    finally:
-        d.stop()
+    _, _, _, lats, _ = lookups(impl, 1, min(a.dur, 3), workers=1, lat=True)
+    return {"lat_us": statistics.median(lats) * 1e6}
 
 
 def fig_names(impl, a):
